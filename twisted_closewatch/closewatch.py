@@ -1,0 +1,169 @@
+"""
+Seeing a client go away while the relay is not reading its socket.
+
+When a worker stops reading its stdin, the relay pauses the client transport
+to keep memory bounded; the reactor then stops polling that socket, and a FIN
+or RST would go unnoticed until reading resumes.  A close watch keeps an eye
+on paused sockets for exactly those events, without consuming their data.
+
+On Linux, L{EpollCloseWatch} holds one C{epoll} object for the whole server
+with each paused socket registered for C{EPOLLRDHUP} only (not C{EPOLLIN}:
+queued data must not wake it); the epoll descriptor itself is a reactor
+reader.  This is how PostgreSQL's C{client_connection_check_interval} and
+nginx see a vanished client.  Elsewhere, L{PollingCloseWatch} checks paused
+sockets every L{PollingCloseWatch.interval} seconds with C{poll()} and sees
+resets and hang-ups only (no C{POLLRDHUP}): a FIN behind queued data is seen
+when reading resumes.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorCore, IReadDescriptor
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+log = Logger()
+
+#: Called with no argument: the peer sent a FIN (a close or a half-close).
+OnClosed = Callable[[], None]
+#: Called with no argument: the connection is dead (RST, timeout, error).
+OnReset = Callable[[], None]
+
+
+class ICloseWatch(Interface):
+    """
+    Watches sockets the reactor is not reading for their peer's departure.
+    """
+
+    def watch(fd: int, onClosed: OnClosed, onReset: OnReset) -> None:
+        """
+        Start watching C{fd}.  After C{onClosed} has been called the watch
+        stays in place for C{onReset} only: after a FIN, only a reset is news.
+        """
+
+    def unwatch(fd: int) -> None:
+        """
+        Stop watching C{fd}; a no-op if it is not watched.  Must be called
+        before C{fd} is closed.
+        """
+
+    def stop() -> None:
+        """
+        Release the watch's own resources.
+        """
+
+
+_RDHUP = getattr(select, "EPOLLRDHUP", 0x2000)
+_DEAD = getattr(select, "EPOLLHUP", 0x10) | getattr(select, "EPOLLERR", 0x8)
+
+
+@implementer(ICloseWatch, IReadDescriptor)
+class EpollCloseWatch:
+    """
+    One C{epoll} set of paused sockets, itself read by the reactor.
+    """
+
+    def __init__(self, reactor: IReactorCore) -> None:
+        self._reactor = reactor
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, tuple[OnClosed, OnReset]] = {}
+        reactor.addReader(self)  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+    def watch(self, fd: int, onClosed: OnClosed, onReset: OnReset) -> None:
+        self._epoll.register(fd, _RDHUP)
+        self._callbacks[fd] = (onClosed, onReset)
+
+    def unwatch(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def doRead(self) -> None:
+        for fd, events in self._epoll.poll(0, 256):
+            callbacks = self._callbacks.get(fd)
+            if callbacks is None:
+                continue
+            onClosed, onReset = callbacks
+            if events & _DEAD:
+                self.unwatch(fd)
+                onReset()
+            elif events & _RDHUP:
+                # Level-triggered: keep the registration for a later reset
+                # only, or this FIN would be reported on every poll.
+                self._epoll.modify(fd, 0)
+                onClosed()
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "closewatch-epoll"
+
+    def stop(self) -> None:
+        self._reactor.removeReader(self)  # type: ignore[attr-defined]
+        self._callbacks.clear()
+        self._epoll.close()
+
+
+@implementer(ICloseWatch)
+class PollingCloseWatch:
+    """
+    The portable fallback: C{poll()} the paused sockets on a timer.
+    """
+
+    interval = 0.1
+
+    def __init__(self, reactor: IReactorCore) -> None:
+        self._callbacks: dict[int, tuple[OnClosed, OnReset]] = {}
+        self._loop = LoopingCall(self._check)
+        self._loop.clock = reactor  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+    def watch(self, fd: int, onClosed: OnClosed, onReset: OnReset) -> None:
+        self._callbacks[fd] = (onClosed, onReset)
+        if not self._loop.running:
+            self._loop.start(self.interval, now=False)
+
+    def unwatch(self, fd: int) -> None:
+        self._callbacks.pop(fd, None)
+        if not self._callbacks and self._loop.running:
+            self._loop.stop()
+
+    def _check(self) -> None:
+        poller = select.poll()
+        for fd in self._callbacks:
+            poller.register(fd, 0)
+        for fd, events in poller.poll(0):
+            callbacks = self._callbacks.get(fd)
+            if callbacks is not None and events & (select.POLLHUP | select.POLLERR):
+                self.unwatch(fd)
+                callbacks[1]()
+
+    def stop(self) -> None:
+        self._callbacks.clear()
+        if self._loop.running:
+            self._loop.stop()
+
+
+def makeCloseWatch(reactor: Any) -> ICloseWatch:
+    """
+    The best close watch this platform has.
+    """
+    if hasattr(select, "epoll"):
+        return EpollCloseWatch(reactor)
+    return PollingCloseWatch(reactor)

@@ -1,0 +1,257 @@
+"""
+The command line of C{twistd closewatch}.
+
+Every value is checked here, so that a bad one is a one-line usage error
+and not a traceback at start-up or, worse, at the first connection.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+import re
+import shutil
+from typing import Any
+
+from twisted.python import usage
+
+from twisted_closewatch.config import Config, defaultCommand
+
+DEFAULT_LISTEN = "tcp:8787:interface=127.0.0.1"
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parseSize(text: str) -> int:
+    """
+    A byte count: C{65536}, C{256k}, C{4m}, C{1g} (powers of 1024; a
+    trailing C{b} or C{ib} is allowed).
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise usage.UsageError(f"{text!r} is not a size (examples: 65536, 256k, 4m)")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parseSeconds(text: str, *, maximum: float = 10**7) -> float:
+    """
+    A non-negative, finite number of seconds, fractions allowed.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"{text!r} is not a number of seconds")
+    if not math.isfinite(value) or value < 0:
+        raise usage.UsageError(f"{text!r}: seconds must be a finite number >= 0")
+    if value > maximum:
+        raise usage.UsageError(f"{text!r}: at most {maximum:g} seconds")
+    return value
+
+
+def parseWholeNumber(text: str, *, minimum: int, maximum: int, what: str = "value") -> int:
+    """
+    A whole number in C{[minimum, maximum]}; the kernel takes whole seconds
+    for keepalive timers, so fractions are refused rather than rounded.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"{text!r}: {what} must be a whole number")
+    if not minimum <= value <= maximum:
+        raise usage.UsageError(f"{text!r}: {what} must be between {minimum} and {maximum}")
+    return value
+
+
+def parseBytes(text: str) -> bytes:
+    """
+    Bytes written with Python escapes: C{\\n}, C{\\r\\n}, C{\\x00}.
+    """
+    try:
+        return codecs.escape_decode(text.encode("utf-8"))[0]  # type: ignore[attr-defined]
+    except ValueError as e:
+        raise usage.UsageError(f"{text!r}: bad escape ({e})")
+
+
+def resolveCommand(name: str) -> str:
+    """
+    The absolute path of the executable C{name} names, as a shell would
+    find it.
+    """
+    if os.sep in name:
+        path = os.path.abspath(name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+        raise usage.UsageError(f"{name}: not an executable file")
+    found = shutil.which(name)
+    if found is None:
+        raise usage.UsageError(f"{name}: command not found in PATH")
+    return os.path.abspath(found)
+
+
+class Options(usage.Options):
+    """
+    twistd closewatch [OPTIONS] [-- COMMAND [ARG ...]]
+    """
+
+    synopsis = "[options] [-- COMMAND [ARG ...]]"
+    longdesc = (
+        "Run COMMAND once per client connection: the client's bytes are its "
+        "stdin, its stdout goes back to the client, its stderr to the log.  "
+        "The moment the client is gone (closed, reset, dead, or silent for "
+        "--idle-timeout) the worker's whole process group is killed.  "
+        "Without COMMAND, an embedded SQL worker over SQLite is served "
+        "(database: $CLOSEWATCH_DATABASE, default ./closewatch.sqlite3)."
+    )
+
+    optFlags = [
+        ["keepalive", None, "Turn on TCP keepalive on client sockets (default)."],
+        ["no-keepalive", None, "Turn off TCP keepalive on client sockets."],
+    ]
+
+    optParameters = [
+        [
+            "half-close",
+            None,
+            "kill",
+            "What a client's FIN (shutdown(SHUT_WR)) means: 'kill' the worker "
+            "at once, or 'forward' it as EOF on the worker's stdin and deliver "
+            "all its output before closing.",
+        ],
+        [
+            "read-ahead",
+            None,
+            262144,
+            "Client bytes held in memory per connection beyond the worker's "
+            "stdin pipe before the client is paused (e.g. 65536, 256k, 4m).",
+            parseSize,
+        ],
+        [
+            "keepalive-idle",
+            None,
+            60,
+            "Seconds of silence before the first keepalive probe (whole, 1-32767).",
+            lambda v: parseWholeNumber(v, minimum=1, maximum=32767, what="--keepalive-idle"),
+        ],
+        [
+            "keepalive-interval",
+            None,
+            10,
+            "Seconds between keepalive probes (whole, 1-32767).",
+            lambda v: parseWholeNumber(v, minimum=1, maximum=32767, what="--keepalive-interval"),
+        ],
+        [
+            "keepalive-count",
+            None,
+            5,
+            "Unanswered keepalive probes before the client is dead (1-127).",
+            lambda v: parseWholeNumber(v, minimum=1, maximum=127, what="--keepalive-count"),
+        ],
+        [
+            "user-timeout",
+            None,
+            120.0,
+            "Seconds sent data may stay unacknowledged before the client is "
+            "dead (Linux TCP_USER_TIMEOUT, millisecond precision); also caps "
+            "keepalive. 0 = kernel default.",
+            lambda v: parseSeconds(v, maximum=2**31 // 1000),
+        ],
+        [
+            "heartbeat",
+            None,
+            0.0,
+            "Seconds without output to the client after which --heartbeat-data "
+            "is written; 0 = off.",
+            parseSeconds,
+        ],
+        [
+            "heartbeat-data",
+            None,
+            b"\n",
+            "The heartbeat, with Python escapes (\\x00, \\r\\n).",
+            parseBytes,
+        ],
+        [
+            "idle-timeout",
+            None,
+            0.0,
+            "Seconds without input from the client after which it is taken "
+            "for gone; time the client is paused by closewatch does not count. "
+            "0 = off.",
+            parseSeconds,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["env"] = {}
+        self["command"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        A Twisted server endpoint to listen on (repeatable): tcp, tcp6, unix,
+        ssl, systemd, haproxy, ... [default: tcp:8787:interface=127.0.0.1]
+        """
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def opt_env(self, assignment: str) -> None:
+        """
+        NAME=VALUE added to every worker's environment (repeatable).
+        """
+        name, sep, value = assignment.partition("=")
+        if not sep or not name:
+            raise usage.UsageError(f"--env {assignment!r}: expected NAME=VALUE")
+        self["env"][name] = value
+
+    def parseArgs(self, *command: str) -> None:
+        self["command"] = list(command)
+
+    def postOptions(self) -> None:
+        if self["half-close"] not in ("kill", "forward"):
+            raise usage.UsageError(
+                f"--half-close {self['half-close']!r}: expected 'kill' or 'forward'"
+            )
+        if self["keepalive"] and self["no-keepalive"]:
+            raise usage.UsageError("--keepalive and --no-keepalive contradict each other")
+        if self["read-ahead"] < 1:
+            raise usage.UsageError("--read-ahead must be at least 1 byte")
+        if self["command"]:
+            self["argv"] = (resolveCommand(self["command"][0]), *self["command"][1:])
+        else:
+            self["argv"] = defaultCommand()
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        self["endpoints"] = [_parseEndpoint(d) for d in self["listen"]]
+        self["config"] = self.config()
+
+    def config(self) -> Config:
+        """
+        The L{Config} these options describe.
+        """
+        return Config(
+            argv=self["argv"],
+            env=dict(self["env"]),
+            halfClose=self["half-close"],
+            readAhead=self["read-ahead"],
+            keepalive=not self["no-keepalive"],
+            keepaliveIdle=self["keepalive-idle"],
+            keepaliveInterval=self["keepalive-interval"],
+            keepaliveCount=self["keepalive-count"],
+            userTimeout=self["user-timeout"],
+            heartbeat=self["heartbeat"],
+            heartbeatData=self["heartbeat-data"],
+            idleTimeout=self["idle-timeout"],
+        )
+
+
+def _parseEndpoint(description: str) -> Any:
+    from twisted.internet import endpoints, reactor
+
+    try:
+        return endpoints.serverFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(f"--listen {description!r}: {e or type(e).__name__}")

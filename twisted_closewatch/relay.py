@@ -1,0 +1,373 @@
+"""
+The relay: one client connection, one worker process, bytes both ways.
+
+L{WorkerRelay} is the client side (a L{Protocol}); L{WorkerProcessProtocol}
+is the worker side (a L{ProcessProtocol}).  Flow control runs both ways with
+bounded buffers: a worker that stops reading its stdin pauses the client
+transport (and a close watch takes over noticing the client's departure); a
+client that stops reading pauses the worker's stdout.  Whatever way the
+client goes, the worker's process group is killed at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import attr
+from twisted.internet import error
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_closewatch import liveness
+
+if TYPE_CHECKING:
+    from twisted_closewatch.factory import CloseWatchFactory
+    from twisted_closewatch.spawn import WorkerProcess
+
+log = Logger()
+
+#: Longest stderr line logged as one event; longer lines are cut.
+STDERR_LINE_MAX = 4096
+#: Stderr lines logged per connection per second; the rest are counted.
+STDERR_LINES_PER_SECOND = 50
+
+
+@attr.s(auto_attribs=True)
+class ConnectionRecord:
+    """
+    What the end-of-connection log event says about one connection.
+    """
+
+    connectionID: int
+    peer: str
+    started: float = attr.ib(factory=time.monotonic)
+    pid: int | None = None
+    reason: str | None = None
+    goneAt: float | None = None
+    exitCode: int | None = None
+    exitSignal: int | None = None
+    bytesIn: int = 0
+    bytesOut: int = 0
+    killLatencyMS: float | None = None
+    stderrDropped: int = 0
+
+
+class _StderrLogger:
+    """
+    Turns a worker's stderr into one log event per line, bounded in line
+    length and in rate so that a flooding worker cannot flood the log.
+    """
+
+    def __init__(self, record: ConnectionRecord) -> None:
+        self._record = record
+        self._partial = b""
+        self._window = 0
+        self._logged = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > STDERR_LINE_MAX:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._emit(line)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._emit(self._partial)
+            self._partial = b""
+
+    def _emit(self, line: bytes) -> None:
+        window = int(time.monotonic())
+        if window != self._window:
+            self._window, self._logged = window, 0
+        if self._logged >= STDERR_LINES_PER_SECOND:
+            self._record.stderrDropped += 1
+            return
+        self._logged += 1
+        log.info(
+            "[{connection_id}] worker {pid} stderr: {line}",
+            connection_id=self._record.connectionID,
+            pid=self._record.pid,
+            line=line[:STDERR_LINE_MAX].decode("utf-8", "replace").rstrip("\r"),
+        )
+
+
+@implementer(IPushProducer)
+class _ClientReading:
+    """
+    Registered with the worker's stdin: a full stdin pauses reading the client.
+
+    Twisted's process transport has no C{stopProducing}, which is why this
+    adapter sits between it and the relay instead of the transports being
+    registered with each other directly.
+    """
+
+    def __init__(self, relay: WorkerRelay) -> None:
+        self._relay = relay
+
+    def pauseProducing(self) -> None:
+        self._relay.pauseClient()
+
+    def resumeProducing(self) -> None:
+        self._relay.resumeClient()
+
+    def stopProducing(self) -> None:
+        self._relay.workerStdinClosed()
+
+
+@implementer(IPushProducer)
+class _WorkerReading:
+    """
+    Registered with the client transport: a client that does not read pauses
+    reading the worker's stdout.
+    """
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self._worker = worker
+
+    def pauseProducing(self) -> None:
+        stdout = self._worker.pipes.get(1)
+        if stdout is not None:
+            stdout.stopReading()
+
+    def resumeProducing(self) -> None:
+        stdout = self._worker.pipes.get(1)
+        if stdout is not None:
+            stdout.startReading()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class WorkerProcessProtocol(ProcessProtocol):
+    """
+    The worker's side of a relay.
+    """
+
+    def __init__(self, relay: WorkerRelay) -> None:
+        self._relay = relay
+        self._stderr = _StderrLogger(relay.record)
+
+    def outReceived(self, data: bytes) -> None:
+        self._relay.workerOutput(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr.dataReceived(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._stderr.flush()
+        self._relay.workerEnded(reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class WorkerRelay(Protocol):
+    """
+    The client's side of a relay, and the owner of the connection's fate.
+
+    @ivar record: what will be logged about this connection when it ends.
+    @ivar worker: the worker's process transport, once spawned.
+    """
+
+    factory: CloseWatchFactory
+    worker: WorkerProcess | None = None
+    _probe: socket.socket | None = None
+    _paused = False
+    _connected = False
+    _workerRunning = False
+
+    def __init__(self, factory: CloseWatchFactory, connectionID: int) -> None:
+        self.factory = factory
+        self.record = ConnectionRecord(connectionID=connectionID, peer="")
+        self._liveness = liveness.ConnectionLiveness(factory.reactor, factory.config, self)
+
+    # Client side.
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        transport = self.transport
+        self.record.peer = _describe(transport.getPeer())
+        self._probe = _probeSocket(transport)
+        if self._probe is not None:
+            self._liveness.configureSocket(self._probe)
+        transport.bufferSize = self.factory.config.clientBuffer
+        try:
+            self.worker = self.factory.spawnWorker(self)
+        except OSError as e:
+            self.record.reason = "spawn-failed"
+            log.error(
+                "[{connection_id}] cannot start worker for {peer}: {error}",
+                connection_id=self.record.connectionID,
+                peer=self.record.peer,
+                error=e.strerror or str(e),
+                reason="spawn-failed",
+            )
+            transport.loseConnection()
+            return
+        self._workerRunning = True
+        self.record.pid = self.worker.pid
+        self.worker.pipes[0].bufferSize = self.factory.config.readAhead
+        self.worker.registerProducer(_ClientReading(self), True)
+        transport.registerProducer(_WorkerReading(self.worker), True)
+        self._liveness.start()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.record.bytesIn += len(data)
+        self._liveness.clientSent()
+        if self._workerRunning:
+            self.worker.write(data)
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent a FIN: a close or a half-close, which look the same.
+        """
+        if self.factory.config.halfClose == "forward" and self._workerRunning:
+            self.worker.closeStdin()
+        else:
+            self.clientGone("client-closed")
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:
+        self._connected = False
+        self._unwatch()
+        self._liveness.stop()
+        if self._workerRunning and self.record.goneAt is None:
+            self.clientGone(self._lossReason(reason))
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        self._maybeFinished()
+
+    def _lossReason(self, reason: Failure) -> str:
+        if reason.check(error.ConnectionDone):
+            return "client-closed"
+        return liveness.lossReason(self._probe, self.factory.config)
+
+    # Flow control.
+
+    def pauseClient(self) -> None:
+        """
+        The worker's stdin is full: stop reading the client, and watch the
+        paused socket for its peer's departure instead.
+        """
+        if self._paused or not self._connected:
+            return
+        self._paused = True
+        self._liveness.paused()
+        self.transport.pauseProducing()
+        if self._probe is not None:
+            self.factory.closeWatch.watch(
+                self._probe.fileno(), self._pausedClientClosed, self._pausedClientDead
+            )
+
+    def resumeClient(self) -> None:
+        if not self._paused or not self._connected:
+            return
+        self._paused = False
+        self._unwatch()
+        self._liveness.resumed()
+        self.transport.resumeProducing()
+
+    def _unwatch(self) -> None:
+        if self._probe is not None:
+            self.factory.closeWatch.unwatch(self._probe.fileno())
+
+    def _pausedClientClosed(self) -> None:
+        # Under "forward" the FIN is delivered in order, after the data
+        # queued before it, when reading resumes.
+        if self.factory.config.halfClose != "forward":
+            self.clientGone("client-closed")
+
+    def _pausedClientDead(self) -> None:
+        self.clientGone(liveness.lossReason(self._probe, self.factory.config))
+
+    def workerStdinClosed(self) -> None:
+        """
+        The worker closed its stdin: what the client sends from now on is
+        dropped, and the client is read again so that its close is seen.
+        """
+        self.resumeClient()
+
+    # Worker side.
+
+    def workerOutput(self, data: bytes) -> None:
+        self.record.bytesOut += len(data)
+        self._liveness.clientWritten()
+        self.transport.write(data)
+
+    def workerEnded(self, reason: Failure) -> None:
+        self._workerRunning = False
+        status = reason.value
+        self.record.exitCode = getattr(status, "exitCode", None)
+        self.record.exitSignal = getattr(status, "signal", None)
+        if self.record.goneAt is not None:
+            self.record.killLatencyMS = (time.monotonic() - self.record.goneAt) * 1000
+        else:
+            self.record.reason = "worker-exited"
+        self.transport.unregisterProducer()
+        if self._connected:
+            self.resumeClient()
+            self.transport.loseConnection()
+        self._maybeFinished()
+
+    # The end.
+
+    def clientGone(self, reason: str) -> None:
+        """
+        The client is gone (or must go): kill the worker's group at once and
+        drop the connection.  The first reason given is the one recorded.
+        """
+        if self.record.goneAt is not None:
+            return
+        self.record.goneAt = time.monotonic()
+        self.record.reason = reason
+        if self._workerRunning:
+            self.factory.killWorker(self.worker)
+        if self._connected:
+            self._unwatch()
+            if reason == "client-closed":
+                self.transport.loseConnection()
+            else:
+                self.transport.abortConnection()
+
+    def _maybeFinished(self) -> None:
+        if self._connected or self._workerRunning:
+            return
+        self.factory.connectionEnded(self)
+
+
+def _probeSocket(transport: Any) -> socket.socket | None:
+    """
+    A duplicate of the client's socket, ours to poll and to query after the
+    transport has closed its own descriptor, so that a connection loss can
+    be told apart (reset, keepalive, user timeout) and a watched descriptor
+    number can never be reused under the close watch.
+    """
+    getHandle = getattr(transport, "getHandle", None)
+    if getHandle is None:
+        return None
+    try:
+        handle = getHandle()
+        return handle.dup() if isinstance(handle, socket.socket) else None
+    except OSError as e:
+        if e.errno != errno.EBADF:
+            log.warn("cannot watch client socket: {error}", error=e)
+        return None
+
+
+def _describe(address: Any) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or address)

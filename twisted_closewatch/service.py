@@ -1,0 +1,45 @@
+"""
+closewatch as a Twisted service: listen on endpoints, and on stop, kill
+every worker and wait until all are reaped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+
+from twisted_closewatch.factory import CloseWatchFactory
+
+log = Logger()
+
+
+class CloseWatchService(MultiService):
+    """
+    Serves C{factory} on every endpoint in C{endpoints}.
+    """
+
+    def __init__(
+        self, factory: CloseWatchFactory, endpoints: Iterable[IStreamServerEndpoint]
+    ) -> None:
+        super().__init__()
+        self.factory = factory
+        for endpoint in endpoints:
+            listener = StreamServerEndpointService(endpoint, factory)
+            # A port that cannot be bound is a start-up error, not a log line.
+            listener._raiseSynchronously = True
+            listener.setServiceParent(self)
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Stop listening first, so that no new worker starts, then kill the
+        workers that are running.
+        """
+        d: Deferred[Any] = super().stopService()
+        d.addCallback(lambda _: self.factory.stopWorkers("server-stopping"))
+        return d

@@ -1,0 +1,289 @@
+"""
+Spawning workers at a cost that does not grow with the server's open fds.
+
+Twisted's own C{spawnProcess} asks the kernel about every open descriptor of
+the server before each spawn and, on every C{SIGCHLD}, calls C{waitpid} for
+every live child.  With thousands of connections that makes each spawn take
+milliseconds of reactor time.  L{WorkerProcess} keeps Twisted's pipe handling
+and L{IProcessTransport} behaviour but:
+
+  - spawns with C{posix_spawn(..., setsid=True)}: the worker leads a new
+    session and process group, so a kill reaches its children too;
+  - relies on every server descriptor being close-on-exec (see
+    L{closeOnExecSweep}) instead of closing them one by one in the child;
+  - learns of the worker's exit from a pidfd (Linux 5.3+) registered with the
+    reactor, so a child's exit costs one C{waitpid}, not one per worker.
+
+Where pidfds are missing it falls back to Twisted's C{SIGCHLD} reaping.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.internet import process
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IProcessProtocol, IReactorCore
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IReadDescriptor
+
+log = Logger()
+
+#: How much one read from a worker's stdout takes at most.  Twisted reads
+#: 8 KiB; larger reads cut the per-byte overhead of the relay.
+READ_SIZE = 128 * 1024
+
+#: Linux pipe capacity we ask for (the kernel default is 64 KiB).
+PIPE_SIZE = 1024 * 1024
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", None)
+
+
+def closeOnExecSweep() -> int:
+    """
+    Mark every descriptor above 2 close-on-exec, and make sure 0-2 are open.
+
+    Python opens descriptors close-on-exec already; this catches the ones the
+    server inherited (a systemd socket, a shell's stray fd), once, so that no
+    spawn needs to look at them again.  Open standard descriptors keep a
+    worker's pipes from landing on 0-2, where the spawn's C{dup2}s would
+    clobber each other.
+
+    @return: how many descriptors had to be changed.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        try:
+            fds = [int(name) for name in os.listdir("/dev/fd")]
+        except OSError:
+            fds = list(range(3, 1024))
+    changed = 0
+    for fd in fds:
+        if fd <= 2:
+            continue
+        try:
+            if os.get_inheritable(fd):
+                os.set_inheritable(fd, False)
+                changed += 1
+        except OSError:
+            pass
+    return changed
+
+
+def _resizePipe(fd: int, size: int) -> None:
+    if _F_SETPIPE_SZ is None or size <= 0:
+        return
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+    except OSError:
+        # Over /proc/sys/fs/pipe-max-size or the per-user pipe budget: the
+        # default capacity still works, only slower.
+        pass
+
+
+class _WorkerOutput(process.ProcessReader):
+    """
+    A worker's stdout or stderr, read in large chunks.
+    """
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                return None
+            return process.CONNECTION_LOST
+        if not data:
+            return process.CONNECTION_DONE
+        self.dataReceived(data)
+        return None
+
+
+@implementer(IReadDescriptor)
+class _ExitNotifier:
+    """
+    A pidfd in the reactor: readable once the worker has exited.
+    """
+
+    def __init__(self, pidfd: int, worker: WorkerProcess) -> None:
+        self._pidfd = pidfd
+        self._worker = worker
+
+    def fileno(self) -> int:
+        return self._pidfd
+
+    def doRead(self) -> None:
+        self._worker.reapProcess()
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "closewatch-pidfd"
+
+    def close(self, reactor: Any) -> None:
+        reactor.removeReader(self)
+        os.close(self._pidfd)
+
+
+def _ignoredSignals() -> list[int]:
+    """
+    Signals ignored in this process: an ignored disposition survives exec,
+    and Python ignores SIGPIPE, which a worker must not inherit.
+    """
+    return [
+        s
+        for s in range(1, signal.NSIG)
+        if s not in (signal.SIGKILL, signal.SIGSTOP)
+        and _safeGetSignal(s) == signal.SIG_IGN
+    ]
+
+
+def _safeGetSignal(signum: int) -> Any:
+    try:
+        return signal.getsignal(signum)
+    except ValueError:
+        return None
+
+
+class WorkerProcess(process.Process):
+    """
+    A worker: a session leader with stdin, stdout and stderr pipes.
+
+    Kills are delivered to the whole process group; when the leader exits,
+    whatever it left behind in its group is killed before it is reaped, so
+    a connection never leaves processes behind it.
+    """
+
+    processReaderFactory = _WorkerOutput
+    _exitNotifier: _ExitNotifier | None = None
+
+    def __init__(
+        self,
+        reactor: IReactorCore,
+        executable: str,
+        args: Sequence[str],
+        environment: Mapping[str, str],
+        proto: IProcessProtocol,
+        pipeSize: int = PIPE_SIZE,
+    ) -> None:
+        super().__init__(reactor, executable, list(args), dict(environment), None, proto)
+        for pipe in self.pipes.values():
+            _resizePipe(pipe.fileno(), pipeSize)
+        if self.pid is not None:
+            self._watchExit(reactor)
+
+    def _trySpawnInsteadOfFork(
+        self,
+        path: object,
+        uid: object,
+        gid: object,
+        executable: str,
+        args: list[str],
+        environment: dict[str, str],
+        kwargs: dict[str, Any],
+    ) -> bool:
+        fdmap: dict[int, int] = kwargs["fdmap"]
+        self.pid = os.posix_spawn(
+            executable,
+            args,
+            environment,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, parentFD, childFD)
+                for childFD, parentFD in sorted(fdmap.items())
+            ],
+            setsigdef=_ignoredSignals(),
+            setsid=True,
+        )
+        self.status = -1
+        return True
+
+    def _watchExit(self, reactor: Any) -> None:
+        pidfdOpen = getattr(os, "pidfd_open", None)
+        if pidfdOpen is None:
+            return
+        try:
+            pidfd = pidfdOpen(self.pid)
+        except OSError:
+            return
+        # Twisted registered us for SIGCHLD reaping; the pidfd replaces that.
+        process.unregisterReapProcessHandler(self.pid, self)
+        self._exitNotifier = _ExitNotifier(pidfd, self)
+        reactor.addReader(self._exitNotifier)
+
+    def _leaderExited(self) -> bool:
+        try:
+            result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return result is not None
+
+    def reapProcess(self) -> None:
+        """
+        Reap the leader if it has exited, killing what is left of its group
+        first: while the leader is an unreaped zombie its pid, and so the
+        group id, cannot be reused by an unrelated process.
+        """
+        if self.pid is None:
+            return
+        if not self._leaderExited():
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 0
+            log.warn("worker {pid} was reaped elsewhere", pid=self.pid)
+        if not pid:
+            return
+        if self._exitNotifier is not None:
+            self._exitNotifier.close(self._reactor)
+            self._exitNotifier = None
+        elif pid in process.reapProcessHandlers:
+            process.unregisterReapProcessHandler(pid, self)
+        self.processEnded(status)
+
+    def signalProcess(self, signalID: str | int) -> None:
+        """
+        Signal the worker's whole process group.
+        """
+        if isinstance(signalID, str):
+            signalID = getattr(signal, f"SIG{signalID}")
+        if self.pid is None:
+            raise ProcessExitedAlready()
+        try:
+            os.killpg(self.pid, signalID)
+        except ProcessLookupError:
+            raise ProcessExitedAlready()
+
+
+def spawnWorker(
+    reactor: IReactorCore,
+    protocol: IProcessProtocol,
+    argv: Sequence[str],
+    environment: Mapping[str, str],
+    pipeSize: int = PIPE_SIZE,
+) -> WorkerProcess:
+    """
+    Start C{argv} (C{argv[0]} an absolute path) as a new session leader
+    connected to C{protocol}.
+
+    @raise OSError: the worker could not be started (missing executable,
+        out of descriptors or processes).
+    """
+    return WorkerProcess(reactor, argv[0], argv, environment, protocol, pipeSize)

@@ -1,0 +1,26 @@
+"""
+The twistd plugin's module: C{Options} and C{makeService}.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.logger import Logger
+
+from twisted_closewatch.factory import CloseWatchFactory
+from twisted_closewatch.options import Options
+from twisted_closewatch.service import CloseWatchService
+
+__all__ = ["Options", "makeService"]
+
+log = Logger()
+
+
+def makeService(options: Options) -> IService:
+    """
+    A L{CloseWatchService} for the parsed C{options}.
+    """
+    from twisted.internet import reactor
+
+    factory = CloseWatchFactory(options["config"], reactor)
+    return CloseWatchService(factory, options["endpoints"])
