@@ -5,6 +5,7 @@ every worker and wait until all are reaped.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,4 +43,15 @@ class CloseWatchService(MultiService):
         """
         d: Deferred[Any] = super().stopService()
         d.addCallback(lambda _: self.factory.stopWorkers("server-stopping"))
+        d.addCallback(self._stoppedCleanly)
         return d
+
+    def _stoppedCleanly(self, result: None) -> None:
+        """
+        Every worker is reaped: a stop asked for with SIGTERM or SIGINT has
+        succeeded.  twistd would otherwise re-raise the signal to exit with
+        it, which init systems and scripts read as a failure.
+        """
+        reactor = self.factory.reactor
+        if getattr(reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            reactor._exitSignal = None

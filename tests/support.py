@@ -1,0 +1,278 @@
+"""
+Running a real closewatch server (twistd in a subprocess) and real clients
+against it, with every wait bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: A worker that says who it is, then blocks without ever reading stdin.
+PID_WORKER = ["/bin/sh", "-c", "echo $$; exec sleep 100000"]
+
+
+def wait(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """
+    Poll C{predicate} until it returns something true, for C{timeout}
+    seconds at most; return that, or raise C{AssertionError}.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+        time.sleep(interval)
+
+
+def alive(pid: int) -> bool:
+    """
+    Whether C{pid} exists and is not a zombie.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def waitGone(pids: Iterable[int], timeout: float = 10.0) -> float:
+    """
+    Wait until every pid in C{pids} has exited; return the seconds taken.
+    """
+    started = time.monotonic()
+    pids = list(pids)
+    wait(lambda: not any(alive(p) for p in pids), timeout)
+    return time.monotonic() - started
+
+
+def pidfdWaitGone(pid: int, timeout: float = 10.0) -> bool:
+    """
+    Block until C{pid} exits, exactly (a pidfd), for C{timeout} at most.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def readLine(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """
+    Read one line from C{sock}, byte by byte (nothing past it is consumed).
+    """
+    sock.settimeout(timeout)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > 65536:
+            raise AssertionError("line too long")
+    return data
+
+
+def readAll(sock: socket.socket, timeout: float = 10.0, limit: int = 1 << 26) -> bytes:
+    """
+    Read until EOF; raises on a reset or a timeout.
+    """
+    sock.settimeout(timeout)
+    chunks = []
+    total = 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise AssertionError("more data than expected")
+
+
+def reset(sock: socket.socket) -> None:
+    """
+    Close C{sock} with an RST instead of a FIN.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+def outq(sock: socket.socket) -> int:
+    """
+    Bytes in C{sock}'s send queue not yet acknowledged by the peer.
+    """
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def rssKiB(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def openFDs(pid: int) -> list[int]:
+    return sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+class Server:
+    """
+    C{twistd -n closewatch} in a subprocess, logging JSON events to a file.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        command: Sequence[str] = PID_WORKER,
+        listen: str | None = "tcp:0:interface=127.0.0.1",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        self.logPath = tempfile.mktemp(prefix="closewatch-log-", suffix=".jsonl")
+        argv = [
+            *TWISTD,
+            "-n",
+            "--pidfile=",
+            "--logger=twisted_closewatch.logs.jsonObserver",
+            "closewatch",
+        ]
+        if listen is not None:
+            argv += ["--listen", listen]
+        argv += list(args)
+        if command:
+            argv += ["--", *command]
+        environ = dict(os.environ)
+        environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
+        environ.update(env or {})
+        self._log = open(self.logPath, "w")
+        self.process = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=environ,
+            cwd=cwd or tempfile.gettempdir(),
+        )
+        self.pid = self.process.pid
+        self.port = 0
+        if listen is not None and listen.startswith(("tcp:", "tcp6:")):
+            self.port = wait(self._listeningPort, 30)
+
+    def _listeningPort(self) -> int:
+        if self.process.poll() is not None:
+            raise AssertionError(f"server exited: {self.output()}")
+        for event in self.events():
+            match = re.search(r"starting on (\d+)$", event.get("log_text", ""))
+            if match:
+                return int(match.group(1))
+        return 0
+
+    def events(self) -> list[dict[str, Any]]:
+        events = []
+        with open(self.logPath) as f:
+            for line in f:
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    pass
+        return events
+
+    def output(self) -> str:
+        with open(self.logPath) as f:
+            return f.read()
+
+    def ends(self) -> list[dict[str, Any]]:
+        """
+        The end-of-connection events logged so far.
+        """
+        return [e for e in self.events() if "kill_latency_ms" in e and "reason" in e]
+
+    def endOf(self, connectionID: int, timeout: float = 10.0) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for e in self.ends():
+                if e["connection_id"] == connectionID:
+                    return e
+            return None
+
+        return wait(find, timeout)
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+    def connectWorker(self) -> tuple[socket.socket, int]:
+        """
+        Connect and read the PID line of a L{PID_WORKER}-style worker.
+        """
+        sock = self.connect()
+        line = readLine(sock)
+        if not line.strip().isdigit():
+            raise AssertionError(f"expected a pid line, got {line!r}: {self.output()[-2000:]}")
+        return sock, int(line)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError("server did not stop on SIGTERM")
+        finally:
+            self._log.close()
+        return code
+
+    def cleanup(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+        if os.path.exists(self.logPath):
+            os.unlink(self.logPath)
+
+
+def runTwistd(args: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """
+    Run C{twistd -n closewatch ARGS} expecting it to exit by itself.
+    """
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
+    return subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "closewatch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environ,
+        cwd=tempfile.gettempdir(),
+    )
