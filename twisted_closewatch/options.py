@@ -145,16 +145,19 @@ class Options(usage.Options):
             "keepalive-count",
             None,
             5,
-            "Unanswered keepalive probes before the client is dead (1-127).",
+            "Unanswered keepalive probes before the client is dead (1-127); "
+            "on Linux ignored while --user-timeout is set, which then decides.",
             lambda v: parseWholeNumber(v, minimum=1, maximum=127, what="--keepalive-count"),
         ],
         [
             "user-timeout",
             None,
             120.0,
-            "Seconds sent data may stay unacknowledged before the client is "
-            "dead (Linux TCP_USER_TIMEOUT, millisecond precision); also caps "
-            "keepalive. 0 = kernel default.",
+            "Seconds sent data may stay unacknowledged (or the client's window "
+            "closed) before the client is dead (Linux TCP_USER_TIMEOUT, "
+            "millisecond precision). It also replaces --keepalive-count: an "
+            "idle dead client goes at the first probe at or after this many "
+            "seconds of silence (defaults: 120 s). 0 = kernel default.",
             lambda v: parseSeconds(v, maximum=2**31 // 1000),
         ],
         [
@@ -217,6 +220,8 @@ class Options(usage.Options):
             )
         if self["keepalive"] and self["no-keepalive"]:
             raise usage.UsageError("--keepalive and --no-keepalive contradict each other")
+        if self["heartbeat"] and not self["heartbeat-data"]:
+            raise usage.UsageError("--heartbeat-data must not be empty with --heartbeat on")
         if self["read-ahead"] < 1:
             raise usage.UsageError("--read-ahead must be at least 1 byte")
         if self["command"]:

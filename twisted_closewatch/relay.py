@@ -144,7 +144,10 @@ class _WorkerReading:
             stdout.startReading()
 
     def stopProducing(self) -> None:
-        pass
+        # The client transport is gone: read (and drop) the rest, or a
+        # stdout paused by a full client buffer would never show the killed
+        # worker's EOF, and its end would never be reported.
+        self.resumeProducing()
 
 
 class WorkerProcessProtocol(ProcessProtocol):
@@ -229,6 +232,7 @@ class WorkerRelay(Protocol):
         The client sent a FIN: a close or a half-close, which look the same.
         """
         if self.factory.config.halfClose == "forward" and self._workerRunning:
+            self._liveness.clientFinished()
             self.worker.closeStdin()
         else:
             self.clientGone("client-closed")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from twisted.application.service import IService
 from twisted.logger import Logger
 
+from twisted_closewatch import liveness
 from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.options import Options
 from twisted_closewatch.service import CloseWatchService
@@ -22,5 +23,11 @@ def makeService(options: Options) -> IService:
     """
     from twisted.internet import reactor
 
+    # Logged before twistd starts its log observers: Twisted buffers these
+    # and emits them once logging begins.
+    for warning in liveness.platformWarnings(
+        options["config"], zip(options["listen"], options["endpoints"])
+    ):
+        log.warn("{warning}", warning=warning)
     factory = CloseWatchFactory(options["config"], reactor)
     return CloseWatchService(factory, options["endpoints"])
