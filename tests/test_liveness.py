@@ -55,6 +55,9 @@ from twisted_closewatch.options import Options
 #: A worker that says who it is, then writes as fast as it is let.
 YES_WORKER = ["/bin/sh", "-c", "echo $$; exec yes"]
 
+#: A worker that reads its stdin to the end, then computes in silence.
+HALF_CLOSE_WORKER = ["/bin/sh", "-c", "echo $$; cat >/dev/null; exec sleep 100000"]
+
 #: Keepalive that gives up on a silent peer after 1 + 2 * 1 = 3 s.
 FAST_KEEPALIVE = ["--keepalive-idle", "1", "--keepalive-interval", "1", "--keepalive-count", "2"]
 
@@ -74,7 +77,8 @@ class _Client:
       - C{reader}: reads everything, as fast as it comes;
       - C{backlog}: sends until the server stops reading (the worker never
         reads its stdin, so the relay pauses the client), then nothing;
-      - C{slow}: a backlog, then reads 16 KiB every 0.1 s.
+      - C{slow}: a backlog, then reads 16 KiB every 0.1 s;
+      - C{half-closed}: C{shutdown(SHUT_WR)}, then nothing.
     """
 
     def __init__(self, sock: socket.socket, kind: str) -> None:
@@ -86,6 +90,8 @@ class _Client:
         self._thread: threading.Thread | None = None
         if kind in ("backlog", "slow"):
             self.sent = _sendUntilBlocked(sock)
+        if kind == "half-closed":
+            sock.shutdown(socket.SHUT_WR)
         if kind in ("reader", "slow"):
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
@@ -356,6 +362,22 @@ _DEAD_PEER: dict[str, dict[str, Any]] = {
         "args": ["--user-timeout", "2", "--heartbeat", "0.5"],
         "expect": "user-timeout",
     },
+    # Under --half-close forward Twisted stops reading at the FIN; the
+    # close watch still sees a dead client while the worker is silent.
+    "keepalive-half-closed": {
+        "netns": True,
+        "args": [*FAST_KEEPALIVE, "--user-timeout", "0", "--half-close", "forward"],
+        "command": HALF_CLOSE_WORKER,
+        "client": "half-closed",
+        "expect": "keepalive",
+    },
+    "half-closed-live": {
+        "args": [*FAST_KEEPALIVE, "--user-timeout", "0", "--half-close", "forward"],
+        "command": HALF_CLOSE_WORKER,
+        "client": "half-closed",
+        "watch": 5,
+        "expect": None,
+    },
     # Control: neither keepalive nor a user timeout, nothing is found.
     "undetected": {
         "netns": True,
@@ -466,6 +488,17 @@ class DeadPeerTests(TestCase):
         of keepalive.
         """
         self.assertGone("heartbeat", "user-timeout", 1.5, 4.5)
+
+    def test_halfClosedClient(self) -> None:
+        """
+        Under --half-close forward, a client that sent its FIN and then died
+        is found by keepalive while the worker computes in silence; one that
+        lives on is left alone.
+        """
+        self.assertGone("keepalive-half-closed", "keepalive", 1.5, 4.5)
+        result = self.result("half-closed-live")
+        self.assertIsNone(result["elapsed"], result.get("log"))
+        self.assertTrue(result["alive"])
 
     def test_undetectedWithoutTimers(self) -> None:
         """
@@ -700,6 +733,20 @@ class ResetTests(TestCase):
         self.addCleanup(server.cleanup)
         sock, pid = server.connectWorker()
         _sendUntilBlocked(sock)
+        reset(sock)
+        waitGone([pid], 5)
+        self.assertEqual(server.endOf(1)["reason"], "client-reset")
+
+    def test_resetAfterHalfClose(self) -> None:
+        """
+        Twisted reads no more after a forwarded FIN; the close watch sees
+        the RST that follows.
+        """
+        server = Server(["--half-close", "forward"], HALF_CLOSE_WORKER)
+        self.addCleanup(server.cleanup)
+        sock, pid = server.connectWorker()
+        sock.shutdown(socket.SHUT_WR)
+        self.assertFalse(pidfdWaitGone(pid, 0.5))
         reset(sock)
         waitGone([pid], 5)
         self.assertEqual(server.endOf(1)["reason"], "client-reset")

@@ -234,6 +234,12 @@ class WorkerRelay(Protocol):
         if self.factory.config.halfClose == "forward" and self._workerRunning:
             self._liveness.clientFinished()
             self.worker.closeStdin()
+            # Twisted reads no more after the FIN: the close watch is what
+            # still sees this client die (keepalive, user timeout, RST).
+            if self._probe is not None and not self._paused:
+                self.factory.closeWatch.watch(
+                    self._probe.fileno(), lambda: None, self._halfClosedClientDead
+                )
         else:
             self.clientGone("client-closed")
 
@@ -293,6 +299,10 @@ class WorkerRelay(Protocol):
 
     def _pausedClientDead(self) -> None:
         self.clientGone(liveness.lossReason(self._probe, self.factory.config))
+
+    def _halfClosedClientDead(self) -> None:
+        if self._workerRunning:
+            self._pausedClientDead()
 
     def workerStdinClosed(self) -> None:
         """
