@@ -365,17 +365,24 @@ def _probeSocket(transport: Any) -> socket.socket | None:
     transport has closed its own descriptor, so that a connection loss can
     be told apart (reset, keepalive, user timeout) and a watched descriptor
     number can never be reused under the close watch.
+
+    Under TLS the transport's handle is the TLS connection, not the socket:
+    the socket is the handle of the transport beneath it.
     """
-    getHandle = getattr(transport, "getHandle", None)
-    if getHandle is None:
-        return None
-    try:
-        handle = getHandle()
-        return handle.dup() if isinstance(handle, socket.socket) else None
-    except OSError as e:
-        if e.errno != errno.EBADF:
-            log.warn("cannot watch client socket: {error}", error=e)
-        return None
+    while transport is not None:
+        getHandle = getattr(transport, "getHandle", None)
+        if getHandle is None:
+            return None
+        try:
+            handle = getHandle()
+            if isinstance(handle, socket.socket):
+                return handle.dup()
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                log.warn("cannot watch client socket: {error}", error=e)
+            return None
+        transport = getattr(transport, "transport", None)
+    return None
 
 
 def _describe(address: Any) -> str:
