@@ -52,6 +52,7 @@ import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: The closewatch source tree benchmarked (--root); by default this checkout.
 ROOT = HERE.parent
 PIDWORKER = HERE / "pidworker.sh"
 
@@ -60,7 +61,6 @@ KiB = 1024
 #: closewatch's defaults, which the paused backlog is sized against.
 PIPE_SIZE = 1 * MiB
 READ_AHEAD = 256 * KiB
-CLIENT_BUFFER = 256 * KiB  # closewatch also reads the client this much at a time
 SIOCOUTQ = 0x5411
 SURVIVE_S = 3.0
 
@@ -233,6 +233,9 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env=self.env,
+                # Not the caller's directory: with `python -c`, the current
+                # directory comes first on sys.path and could shadow --root.
+                cwd=str(self.logpath.parent),
             )
         finally:
             logf.close()
@@ -278,21 +281,43 @@ class Server:
 SERVERS: list[Server] = []
 
 
+#: Options of `twistd closewatch` added when this version knows them.
+EXTRA_CLOSEWATCH_OPTIONS: list[str] = []
+
+
+def closewatchEnv() -> dict:
+    env = dict(os.environ)
+    # Works from a fresh clone without installing: the package and its
+    # twistd plugin (twisted/plugins/closewatch.py) are found on the path.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def closewatchOptions(serverPython: str, maxWorkers: int) -> list[str]:
+    """Options this closewatch version needs to be benchmarked at all."""
+    out = subprocess.run(
+        [serverPython, "-c", "from twisted.scripts.twistd import run; run()", "closewatch", "--help"],
+        capture_output=True, text=True, env=closewatchEnv(), timeout=60,
+    )
+    if out.returncode:
+        raise RuntimeError(f"twistd closewatch --help failed:\n{out.stdout}{out.stderr}")
+    extra = []
+    if "--max-workers" in out.stdout:
+        # The default cap would refuse the 1,000 and 5,000 connections.
+        extra += ["--max-workers", str(maxWorkers)]
+    return extra
+
+
 def startServer(kind: str, worker: list[str], logdir: Path, serverPython: str) -> Server:
     port = freePort()
     if kind == "closewatch":
-        env = dict(os.environ)
-        # Works from a fresh clone without installing: the package and its
-        # twistd plugin (twisted/plugins/closewatch.py) are found on the path.
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p
-        )
+        env = closewatchEnv()
         argv = [
             serverPython, "-c", "from twisted.scripts.twistd import run; run()",
             "-n", "--pidfile=", f"--logfile={logdir / f'closewatch-{port}.twistd.log'}",
             "closewatch", "-l", f"tcp:{port}:interface=127.0.0.1",
             "--read-ahead", str(READ_AHEAD), "--half-close", "kill",
-            "--", *worker,
+            *EXTRA_CLOSEWATCH_OPTIONS, "--", *worker,
         ]
         server = Server(kind, argv, port, logdir, env)
     elif kind == "socat":
@@ -488,78 +513,146 @@ class ExitTracker:
         self.ep.close()
 
 
-def sendBacklog(conns: list[Conn], size: int, timeout: float = 15.0) -> None:
-    """Send C{size} bytes on every connection (non-blocking, all at once)."""
-    payload = memoryview(b"\xa5" * size)
+_PAYLOAD = memoryview(b"\xa5" * (4 * MiB))
+
+
+def sendUpTo(conns: list[Conn], target: int, timeout: float = 15.0) -> None:
+    """
+    Send on every connection until C{c.sent == target} (non-blocking, all at
+    once).  A peer that never reads fills its buffers: give up once nothing
+    moved for half a second.
+    """
     ep = select.epoll()
     todo: dict[int, Conn] = {}
     for c in conns:
-        todo[c.sock.fileno()] = c
-        ep.register(c.sock.fileno(), select.EPOLLOUT)
+        if c.sent < target:
+            todo[c.sock.fileno()] = c
+            ep.register(c.sock.fileno(), select.EPOLLOUT)
     deadline = time.monotonic() + timeout
     lastProgress = time.monotonic()
     try:
         while todo and time.monotonic() < deadline:
-            # A peer that never reads fills its buffers: stop once nothing
-            # moved for half a second (those connections are "short sends").
-            if time.monotonic() - lastProgress > 0.5:
+            if time.monotonic() - lastProgress > 0.25:
                 break
             for fd, _ in ep.poll(0.1, 1024):
                 c = todo.get(fd)
                 if c is None:
                     continue
                 try:
-                    while c.sent < size:
-                        c.sent += c.sock.send(payload[c.sent:])
+                    while c.sent < target:
+                        c.sent += c.sock.send(_PAYLOAD[: min(target - c.sent, len(_PAYLOAD))])
                         lastProgress = time.monotonic()
                 except BlockingIOError:
                     pass
                 except OSError:
-                    c.sent = -c.sent - 1
-                if c.sent >= size or c.sent < 0:
+                    c.sent = target + 1  # dead: stop sending
+                if c.sent >= target:
                     del todo[fd]
                     ep.unregister(fd)
     finally:
         ep.close()
 
 
+def _outq(c: Conn) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(c.sock.fileno(), SIOCOUTQ, buf)
+    return struct.unpack("i", buf)[0]
+
+
+def _sndWnd(c: Conn) -> int | None:
+    """The peer's advertised window (tcp_info.tcpi_snd_wnd, Linux 6.2+)."""
+    raw = c.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", raw, 228)[0] if len(raw) >= 232 else None
+
+
 def waitAcked(conns: list[Conn], timeout: float) -> int:
     """Wait until the client send queues are empty; return how many are not."""
     deadline = time.monotonic() + timeout
     left = list(conns)
-    buf = bytearray(4)
     last, stableSince = None, time.monotonic()
     while left and time.monotonic() < deadline:
-        still = []
-        total = 0
-        for c in left:
-            fcntl.ioctl(c.sock.fileno(), SIOCOUTQ, buf)
-            q = struct.unpack("i", buf)[0]
-            if q > 0:
-                still.append(c)
-                total += q
-        left = still
+        qs = [(c, _outq(c)) for c in left]
+        left = [c for c, q in qs if q > 0]
+        total = sum(q for _, q in qs)
         if total != last:
             last, stableSince = total, time.monotonic()
-        elif time.monotonic() - stableSince > 0.3:
+        elif time.monotonic() - stableSince > 0.15:
             break  # stuck behind a zero window: the server does not read
         if left:
             time.sleep(0.02)
     return len(left)
 
 
-def waitServerSettled(port: int, conns: list[Conn], timeout: float) -> dict[int, tuple[int, int]]:
-    """Wait until the server stops draining its receive queues."""
-    ports = {c.lport for c in conns}
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        q = {p: v for p, v in tcpQueues(port).items() if p in ports}
-        snap = sum(rx for _, rx in q.values())
-        if snap == last or time.monotonic() > deadline:
-            return q
-        last = snap
-        time.sleep(0.1)
+def pauseWithBacklog(port: int, conns: list[Conn], step: int = 16 * KiB) -> dict:
+    """
+    Send each connection a backlog that its worker never reads, just large
+    enough that the server stops reading the client: first what fits in
+    the worker's pipe and the read-ahead, then C{step} at a time until the
+    server's receive queue for the connection is non-empty and stays so.
+    The backlog left in the kernel is then at most about C{step}, so the
+    server's receive window stays open and the client's FIN is delivered
+    (with a full receive buffer it would not be, and no server could see
+    the close without reading).  The step is small because a paused
+    socket's receive buffer may still be at the kernel's initial size
+    (tcp_rmem[1], 128 KiB: the window closes with ~64 KiB queued) when many
+    connections fill at once and autotuning never grew it.
+    """
+    base = PIPE_SIZE + READ_AHEAD - 64 * KiB
+    sendUpTo(conns, base)
+    byPort = {c.lport: c for c in conns}
+    last: dict[int, int] = {}
+    paused: set[int] = set()
+    target = base
+    for _ in range(40):
+        todo = [c for c in conns if c.lport not in paused and c.sent >= target]
+        if not todo:
+            break
+        target += step
+        sendUpTo(todo, target, timeout=5.0)
+        waitAcked(todo, 1.0)
+        time.sleep(0.03)
+        queues = tcpQueues(port)
+        for c in todo:
+            rx = queues.get(c.lport, (0, 0))[1]
+            if rx > 0 and last.get(c.lport) == rx:
+                paused.add(c.lport)
+            last[c.lport] = rx
+        # A connection is paused once its queue stopped draining: look again.
+        time.sleep(0.03)
+        queues = tcpQueues(port)
+        for c in todo:
+            rx = queues.get(c.lport, (0, 0))[1]
+            if rx > 0 and last.get(c.lport) == rx:
+                paused.add(c.lport)
+            last[c.lport] = rx
+    notAcked = waitAcked(conns, 2.0)
+    wnd = [_sndWnd(c) for c in conns]
+    sent = sorted(c.sent for c in conns)
+    return {
+        "paused": sum(1 for p in byPort if p in paused),
+        "not_acked": notAcked,
+        "zero_window": sum(1 for w in wnd if w == 0),
+        "backlog_p50": sent[len(sent) // 2] if sent else None,
+        "backlog_max": sent[-1] if sent else None,
+    }
+
+
+def serverStates(port: int, lports: set[int]) -> dict[int, str]:
+    """TCP state of the server's side of each client port (/proc/net/tcp)."""
+    names = {"01": "ESTABLISHED", "08": "CLOSE_WAIT", "09": "LAST_ACK", "07": "CLOSE",
+             "04": "FIN_WAIT1", "05": "FIN_WAIT2", "06": "TIME_WAIT", "0B": "CLOSING"}
+    local = f"0100007F:{port:04X}"
+    out = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[1] != local:
+                continue
+            rport = int(parts[2].split(":")[1], 16)
+            if rport in lports:
+                out[rport] = names.get(parts[3], parts[3])
+    return out
 
 
 def _act(c: Conn, scenario: str) -> None:
@@ -578,7 +671,7 @@ def _act(c: Conn, scenario: str) -> None:
         c.sock = None
 
 
-def killCell(server: Server, scenario: str, n: int, trials: int, pausedBytes: int) -> dict:
+def killCell(server: Server, scenario: str, n: int, trials: int) -> dict:
     """
     One repetition of a (server, scenario, concurrency) cell.  With n == 1,
     C{trials} sequential single connections; else one batch of n.
@@ -586,7 +679,8 @@ def killCell(server: Server, scenario: str, n: int, trials: int, pausedBytes: in
     tracker = ExitTracker()
     conns: list[Conn] = []
     failed = 0
-    paused = None
+    pstats: list[dict] = []
+    survivorStates: dict[str, int] = {}
     setupS = 0.0
     try:
         if n == 1:
@@ -598,10 +692,8 @@ def killCell(server: Server, scenario: str, n: int, trials: int, pausedBytes: in
                     continue
                 c = got[0]
                 if scenario == "paused":
-                    sendBacklog(got, pausedBytes)
-                    waitAcked(got, 3.0)
-                    q = waitServerSettled(server.port, got, 2.0)
-                    paused = (paused or 0) + sum(1 for _, rx in q.values() if rx > 0)
+                    st = pauseWithBacklog(server.port, got)
+                    pstats.append(st)
                 setupS += time.perf_counter() - t0
                 tracker.add(c)
                 conns.append(c)
@@ -614,10 +706,7 @@ def killCell(server: Server, scenario: str, n: int, trials: int, pausedBytes: in
             t0 = time.perf_counter()
             conns, failed = openConns(server.port, n, timeout=120.0)
             if scenario == "paused":
-                sendBacklog(conns, pausedBytes)
-                waitAcked(conns, 5.0)
-                q = waitServerSettled(server.port, conns, 5.0)
-                paused = sum(1 for _, rx in q.values() if rx > 0)
+                pstats.append(pauseWithBacklog(server.port, conns))
             setupS = time.perf_counter() - t0
             for c in conns:
                 tracker.add(c)
@@ -625,6 +714,14 @@ def killCell(server: Server, scenario: str, n: int, trials: int, pausedBytes: in
                 _act(c, scenario)
                 tracker.poll(0)
         tracker.drain(SURVIVE_S)
+        # Did the survivors' FIN reach the server at all?  CLOSE_WAIT: it
+        # did, and the server did not act on it; ESTABLISHED: it did not.
+        survivors = {c.lport for c in conns if c.survived}
+        states = serverStates(server.port, survivors) if survivors else {}
+        for c in conns:
+            if c.survived:
+                st = states.get(c.lport, "gone")
+                survivorStates[st] = survivorStates.get(st, 0) + 1
     finally:
         tracker.close()
         for c in conns:
@@ -633,7 +730,9 @@ def killCell(server: Server, scenario: str, n: int, trials: int, pausedBytes: in
     lat = [(c.tExit - c.tAct) * 1000 for c in conns if c.tExit is not None and not c.survived]
     killed = len(lat)
     survived = sum(1 for c in conns if c.survived)
-    shortSends = sum(1 for c in conns if c.sent != pausedBytes) if scenario == "paused" else 0
+    def psum(key):
+        return sum(p[key] for p in pstats) if pstats else None
+
     return {
         "n": n,
         "connections": len(conns),
@@ -643,8 +742,12 @@ def killCell(server: Server, scenario: str, n: int, trials: int, pausedBytes: in
         "p50_ms": percentile(lat, 50),
         "p99_ms": percentile(lat, 99),
         "max_ms": max(lat) if lat else None,
-        "paused_verified": paused,
-        "short_sends": shortSends,
+        "paused_verified": psum("paused"),
+        "zero_window": psum("zero_window"),
+        "not_acked": psum("not_acked"),
+        "backlog_bytes_p50": median([p["backlog_p50"] for p in pstats]) if pstats else None,
+        "backlog_bytes_max": max((p["backlog_max"] for p in pstats), default=None),
+        "survivor_server_states": survivorStates,
         "setup_s": round(setupS, 3),
         "samples_ms": [round(x, 4) for x in lat],
     }
@@ -689,10 +792,12 @@ def spawnRounds(server: Server, rounds: int, per: int) -> list[dict]:
     for _ in range(rounds):
         lat = []
         socks = []
+        failed = 0
         for _ in range(per):
             try:
                 dt, s, pid = connectOnce(server.port)
             except OSError:
+                failed += 1
                 continue
             try:
                 WORKERS.open(pid)
@@ -702,7 +807,8 @@ def spawnRounds(server: Server, rounds: int, per: int) -> list[dict]:
             lat.append(dt * 1000)
         for s in socks:
             s.close()
-        out.append({"n": len(lat), "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99)})
+        out.append({"n": len(lat), "failed": failed, "p50_ms": percentile(lat, 50),
+                    "p99_ms": percentile(lat, 99)})
         time.sleep(0.1)
     return out
 
@@ -829,15 +935,19 @@ def throughputOnce(server: Server, total: int, chunk: int = 4 * MiB) -> dict:
         state["received"], state["crc"] = got, crc
         started.set()
 
-    peak = {"kib": 0, "pids": []}
+    peak = {"kib": 0, "main": 0, "pids": []}
     stop = threading.Event()
 
     def sampler() -> None:
         started.wait(30)
+        # The server's own processes: for socat the listener and the forked
+        # relay; for closewatch twistd and any helper process it runs.
         pids = _serverPids(server.pid, "cat")
         peak["pids"] = pids
         while not stop.is_set():
-            peak["kib"] = max(peak["kib"], sum(_rssKiB(p) for p in pids))
+            rss = [_rssKiB(p) for p in pids]
+            peak["kib"] = max(peak["kib"], sum(rss))
+            peak["main"] = max(peak["main"], rss[0])
             stop.wait(0.01)
 
     rt = threading.Thread(target=reader, daemon=True)
@@ -866,8 +976,10 @@ def throughputOnce(server: Server, total: int, chunk: int = 4 * MiB) -> dict:
         "error": state["error"] or sendError,
         "seconds": t1 - t0,
         "mb_per_s": total / (t1 - t0) / 1e6 if ok else None,
-        "peak_rss_mb_sampled": peak["kib"] / 1024,
+        "peak_rss_mb_sampled": peak["main"] / 1024,
+        "peak_tree_rss_mb_sampled": peak["kib"] / 1024,
         "server_pids_sampled": len(peak["pids"]),
+        "server_comms": [_comm(p) for p in peak["pids"]],
         "vmhwm_mb": hwm / 1024 if hwm else None,
     }
 
@@ -901,8 +1013,23 @@ def summarizeKill(reps: list[dict]) -> dict:
             if any(r["paused_verified"] is not None for r in reps)
             else None
         ),
-        "short_sends": sum(r["short_sends"] for r in reps),
+        "zero_window": sum(r["zero_window"] or 0 for r in reps),
+        "backlog_bytes_p50": median([r["backlog_bytes_p50"] for r in reps]),
+        "survivor_server_states": _mergeCounts([r["survivor_server_states"] for r in reps]),
+        # survivors whose server-side socket had left ESTABLISHED: the close
+        # did reach the server, which did not act on it
+        "survived_fin_delivered": sum(
+            v for r in reps for k, v in r["survivor_server_states"].items() if k != "ESTABLISHED"
+        ),
     }
+
+
+def _mergeCounts(ds: list[dict]) -> dict:
+    out: dict = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def killCellText(s: dict) -> str:
@@ -914,6 +1041,10 @@ def killCellText(s: dict) -> str:
         text += f" ({s['failed']} failed)"
     if s["paused_verified"] is not None and s["paused_verified"] < total:
         text += f" (paused {s['paused_verified']}/{total})"
+    if s["survived"] and s["survived_fin_delivered"] is not None:
+        undelivered = s["survived"] - s["survived_fin_delivered"]
+        if undelivered:
+            text += f" ({undelivered} FIN never reached the server)"
     return text
 
 
@@ -932,7 +1063,9 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
     lines.append(
         f"{m['date']} · {m['host']['cpus']} CPUs · Linux {m['host']['kernel']} · "
         f"Python {m['host']['python']} · Twisted {m['twisted']} · closewatch {m['closewatch_commit']} · "
-        f"{m['socat'] or 'no socat'} · {'tcpserver' if 'tcpserver' in servers else 'no tcpserver'}\n"
+        f"{m['socat'] or 'no socat'} · {'tcpserver' if 'tcpserver' in servers else 'no tcpserver'} · "
+        f"load average {m['host']['loadavg_start'][0]:.1f} at start, "
+        f"{m['host'].get('loadavg_end', [0])[0]:.1f} at end\n"
     )
     lines.append(
         "Kill latency cells: killed/survived (survived = alive 3 s after the client's action), "
@@ -983,7 +1116,9 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
         f"relay MB/s ({res['config']['throughput_mib']} MiB each way at once, cat)",
         lambda s: tp.get(s, {}).get("mb_per_s"), 0,
     )
-    simpleRow("peak server RSS MB during relay", lambda s: tp.get(s, {}).get("peak_rss_mb"), 1)
+    simpleRow("peak server RSS MB during relay (main process)", lambda s: tp.get(s, {}).get("peak_rss_mb"), 1)
+    simpleRow("peak RSS MB of all server processes (helpers, socat children)",
+              lambda s: tp.get(s, {}).get("peak_tree_rss_mb"), 1)
     lines.append("")
 
     # Targets
@@ -1015,10 +1150,12 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
         det = all(k["survived"] == 0 and k["failed"] == 0 and k["killed"] == k["connections"] for k in kp)
         p99 = max(k["p99_ms"] or math.inf for k in kp)
         verified = all(k["paused_verified"] == k["connections"] for k in kp)
+        undelivered = sum(k["survived"] - k["survived_fin_delivered"] for k in kp)
         target("paused closes detected 100%, p99 <= 5 ms", det and p99 <= 5,
                f"{sum(k['killed'] for k in kp)}/{sum(k['connections'] for k in kp)} killed, "
                f"worst p99 {fmt(p99, 3)} ms"
-               + ("" if verified else "; NOTE not every connection was verified paused"))
+               + ("" if verified else "; NOTE not every connection was verified paused")
+               + (f"; {undelivered} survivors' FIN never reached the server" if undelivered else ""))
     if "tcpserver" in rate and "closewatch" in rate:
         a, b = rate["closewatch"].get("conn_per_s"), rate["tcpserver"].get("conn_per_s")
         target("conn/s >= tcpserver's", a is not None and b is not None and a >= b,
@@ -1070,6 +1207,7 @@ def raiseFdLimit(want: int) -> int:
 
 
 def main() -> int:
+    global ROOT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (< 2 min)")
     ap.add_argument("--out", default=str(HERE / "results"), help="output directory")
@@ -1079,7 +1217,10 @@ def main() -> int:
     ap.add_argument("--only", default="kill,rate,spawn,throughput",
                     help="comma-separated subset of kill,rate,spawn,throughput")
     ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs in OUT/logs")
+    ap.add_argument("--root", default=str(ROOT),
+                    help="closewatch source tree to benchmark (default: this checkout)")
     args = ap.parse_args()
+    ROOT = Path(args.root).resolve()
 
     if not hasattr(os, "pidfd_open"):
         sys.exit("needs Linux 5.3+ and Python 3.9+ (os.pidfd_open)")
@@ -1095,6 +1236,8 @@ def main() -> int:
         "peer_concurrency": [1] if q else [1, 100, 1000],
         "kill_reps": {1: 1, 100: 1, 1000: 1} if q else {1: 3, 100: 3, 1000: 3},
         "single_trials": 20 if q else 50,
+        # peers' single-connection cells: their outcome does not vary
+        "peer_single_trials": 5 if q else 10,
         "rate_count": 300 if q else 2000,
         "rate_reps": 1 if q else 3,
         "background": 1000 if q else 5000,
@@ -1102,7 +1245,6 @@ def main() -> int:
         "spawn_per_round": 50 if q else 100,
         "throughput_mib": 256,
         "throughput_reps": 1 if q else 3,
-        "paused_bytes": PIPE_SIZE + READ_AHEAD + 2 * CLIENT_BUFFER,
         "survive_s": SURVIVE_S,
     }
     only = set(args.only.split(","))
@@ -1126,15 +1268,21 @@ def main() -> int:
             continue
         servers.append(name)
     check = subprocess.run(
-        [args.server_python, "-c", "import twisted, attr"], capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [args.server_python, "-c", "import twisted, attr, twisted_closewatch; print(twisted_closewatch.__file__)"],
+        capture_output=True, env=closewatchEnv(), text=True,
     )
     if check.returncode:
         sys.exit(f"{args.server_python} cannot import Twisted/attrs: pass --server-python "
                  "(e.g. the venv's python) or pip install -e .")
+    if not check.stdout.strip().startswith(str(ROOT)):
+        log(f"warning: the server imports {check.stdout.strip()}, not from {ROOT}")
+    if "closewatch" in servers:
+        EXTRA_CLOSEWATCH_OPTIONS[:] = closewatchOptions(args.server_python, cfg["background"] + 2000)
 
     twistedVersion = versionOf([args.server_python, "-c", "import twisted; print(twisted.__version__)"])
     commit = versionOf(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+    if not commit or "fatal" in commit:
+        commit = (ROOT / "COMMIT").read_text().strip() if (ROOT / "COMMIT").exists() else "unknown"
     socatV = versionOf(["socat", "-V"]) if "socat" in servers else None
     if socatV:
         socatV = next((l for l in socatV.splitlines() if "socat version" in l), socatV)
@@ -1148,7 +1296,10 @@ def main() -> int:
                 "kernel": platform.release(),
                 "python": platform.python_version(),
                 "fd_limit": fdLimit,
+                "loadavg_start": os.getloadavg(),
             },
+            "root": str(ROOT),
+            "closewatch_options": EXTRA_CLOSEWATCH_OPTIONS,
             "twisted": twistedVersion,
             "closewatch_commit": commit,
             "socat": socatV,
@@ -1182,7 +1333,8 @@ def main() -> int:
                         for name in servers:  # interleaved: noise hits all alike
                             if name != "closewatch" and n not in cfg["peer_concurrency"]:
                                 continue
-                            r = killCell(running[name], sc, n, cfg["single_trials"], cfg["paused_bytes"])
+                            r = killCell(running[name], sc, n, cfg["single_trials"] if name == "closewatch"
+                                         else cfg["peer_single_trials"])
                             cell = res["kill"].setdefault(name, {}).setdefault(f"{sc}@{n}", {"reps": []})
                             cell["reps"].append(r)
                             log(f"kill {sc:6s} n={n:<4d} rep {rep} {name:10s}: "
@@ -1245,6 +1397,8 @@ def main() -> int:
                     "peak_rss_mb": max(
                         max(r["peak_rss_mb_sampled"], r["vmhwm_mb"] or 0) for r in reps
                     ),
+                    "peak_tree_rss_mb": max(r["peak_tree_rss_mb_sampled"] for r in reps),
+                    "server_comms": reps[-1]["server_comms"],
                     "all_ok": all(r["ok"] for r in reps),
                 }
             log(f"throughput done at {time.monotonic() - started:.0f} s")
@@ -1258,6 +1412,7 @@ def main() -> int:
             shutil.rmtree(logdir, ignore_errors=True)
 
     res["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    res["meta"]["host"]["loadavg_end"] = os.getloadavg()
     report, targets = buildReport(res)
     res["targets"] = targets
     (out / "results.json").write_text(json.dumps(res, indent=1))
