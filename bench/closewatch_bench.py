@@ -813,6 +813,24 @@ def spawnRounds(server: Server, rounds: int, per: int) -> list[dict]:
     return out
 
 
+def _fdCount(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def _fdLimit(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def spawnUnderLoad(server: Server, background: int, rounds: int, per: int) -> dict:
     """Spawn latency with C{background} other live connections open."""
     result: dict = {"background": background}
@@ -821,9 +839,29 @@ def spawnUnderLoad(server: Server, background: int, rounds: int, per: int) -> di
     WORKERS.killall(grace=1.0)
     result["idle_rounds"] = idle
     result["idle_p50_ms"] = median([r["p50_ms"] for r in idle])
-    bgPidfds = set()
+    # A server holding every connection in one process needs descriptors
+    # per connection (closewatch: socket, its watch duplicate, 3 pipes, a
+    # pidfd): measure that on a first slice, and open no more than the
+    # server's own RLIMIT_NOFILE allows, rather than drive it into EMFILE.
     t0 = time.perf_counter()
-    conns, failed = openConns(server.port, background, timeout=300.0, window=64)
+    fds0 = _fdCount(server.pid)
+    first = min(200, background)
+    conns, failed = openConns(server.port, first, timeout=60.0, window=64)
+    perConn = (_fdCount(server.pid) - fds0) / max(1, len(conns))
+    limit = _fdLimit(server.pid)
+    result["server_fds_per_connection"] = round(perConn, 2)
+    result["server_fd_limit"] = limit
+    want = background
+    if perConn >= 0.5 and limit:
+        fits = len(conns) + int((limit - _fdCount(server.pid) - 100) / perConn)
+        if fits < background:
+            want = fits
+            log(f"{server.name}: {perConn:.1f} fds per connection, RLIMIT_NOFILE {limit}: "
+                f"background capped at {fits} (not {background})")
+    result["background_capped_at"] = want if want < background else None
+    more, f2 = openConns(server.port, want - len(conns), timeout=300.0, window=64)
+    conns += more
+    failed += f2
     openS = time.perf_counter() - t0
     bgPidfds = {c.pidfd for c in conns}
     firsts = [(c.tFirst - c.tConnect) * 1000 for c in conns]
@@ -1109,7 +1147,9 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
     sp = res["spawn"]
     bg = res["config"]["background"]
     simpleRow("spawn p50 ms, 0 other connections", lambda s: sp.get(s, {}).get("idle_p50_ms"))
-    simpleRow(f"spawn p50 ms, {bg} other live connections", lambda s: sp.get(s, {}).get("loaded_p50_ms"))
+    simpleRow(f"spawn p50 ms, {bg} other live connections (or fewer: next row)",
+              lambda s: sp.get(s, {}).get("loaded_p50_ms"))
+    simpleRow("live connections actually held open for that", lambda s: sp.get(s, {}).get("background_opened"), 0)
     simpleRow(f"time to open the {bg} connections, s", lambda s: sp.get(s, {}).get("background_open_s"))
     tp = res["throughput"]
     simpleRow(
@@ -1171,9 +1211,13 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
         s = sp["closewatch"]
         r = s.get("ratio")
         ok = r is not None and r <= 2 and s.get("background_opened") == bg
+        capped = ""
+        if s.get("background_capped_at"):
+            capped = (f"; capped: {s['server_fds_per_connection']} fds per connection, "
+                      f"server RLIMIT_NOFILE {s['server_fd_limit']}")
         target(f"spawn p50 at {bg} open conns <= 2x idle", ok,
                f"{fmt(s.get('loaded_p50_ms'), 3)} vs {fmt(s.get('idle_p50_ms'), 3)} ms "
-               f"({fmt(r, 2)}x; {s.get('background_opened')}/{bg} opened)")
+               f"({fmt(r, 2)}x; {s.get('background_opened')}/{bg} opened{capped})")
     lines.append("## Targets (closewatch)\n")
     lines.append("| target | result | measured |")
     lines.append("|---|---|---|")
