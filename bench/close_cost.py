@@ -89,15 +89,21 @@ def main() -> int:
     ap.add_argument("--server-python", default=sys.executable)
     ap.add_argument("--rate", type=int, default=0,
                     help="instead: N sequential connect/PID/close, server CPU per connection")
+    ap.add_argument("--background", type=int, default=0,
+                    help="with --rate: live connections held open meanwhile")
     args = ap.parse_args()
     b.raiseFdLimit(65536)
     logdir = Path(tempfile.mkdtemp(prefix="closewatch-cost-"))
-    b.EXTRA_CLOSEWATCH_OPTIONS[:] = b.closewatchOptions(args.server_python, args.n + 1000)
+    b.EXTRA_CLOSEWATCH_OPTIONS[:] = b.closewatchOptions(args.server_python, args.n + args.background + 1000)
     srv = b.startServer("closewatch", [str(b.PIDWORKER)], logdir, args.server_python)
     spy = None
     try:
         if args.rate:
             raw = logdir / "rate.raw"
+            bg, _ = b.openConns(srv.port, args.background, 300.0, window=64) if args.background else ([], 0)
+            if bg:
+                print(f"{len(bg)} background connections open, server holds "
+                      f"{b._fdCount(srv.pid)} fds", flush=True)
             waitIdle(srv.pid)
             if args.py_spy:
                 spy = subprocess.Popen(
