@@ -147,6 +147,24 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def isGuardian(pid: int) -> bool:
+    """
+    Whether C{pid} is a server's guardian process.
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"guardianprocess.py" in f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def workers(serverPID: int) -> list[int]:
+    """
+    The server's children that are workers (not its guardian).
+    """
+    return [p for p in children(serverPID) if not isGuardian(p)]
+
+
 class Server:
     """
     C{twistd -n closewatch} in a subprocess, logging JSON events to a file.

@@ -22,6 +22,7 @@ from tests.support import (
     runTwistd,
     wait,
     waitGone,
+    workers,
 )
 
 
@@ -367,7 +368,7 @@ class SQLWorkerServiceTests(ServerTestCase):
             b"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) "
             b"SELECT count(*) FROM c;\n"
         )
-        pid = wait(lambda: self.server.pid and children(self.server.pid))[0]
+        pid = wait(lambda: workers(self.server.pid))[0]
         time.sleep(0.2)
         self.assertTrue(alive(pid))
         sock.close()

@@ -16,17 +16,22 @@ import itertools
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from twisted_closewatch import spawn
+from twisted_closewatch import limits, spawn
 from twisted_closewatch.closewatch import ICloseWatch, makeCloseWatch
 from twisted_closewatch.config import Config
 from twisted_closewatch.relay import WorkerProcessProtocol, WorkerRelay
+
+if TYPE_CHECKING:
+    from twisted_closewatch.guardian import Guardian
+    from twisted_closewatch.metrics import ServerMetrics
 
 log = Logger()
 
@@ -55,16 +60,29 @@ class CloseWatchFactory(Factory):
     Spawns a worker for every connection and kills it when the client goes.
 
     @ivar relays: the connections alive now.
+    @ivar limits: the slots admitted connections hold.
+    @ivar metrics: where accepts, spawns and ends are counted, if anywhere.
+    @ivar guardian: what kills the workers if the server dies, if anything
+        (L{twisted_closewatch.service.CloseWatchService} sets it).
     """
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    guardian: Guardian | None = None
+
+    def __init__(
+        self, config: Config, reactor: Any = None, metrics: ServerMetrics | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
         self.reactor = reactor
         self.config = config
+        self.metrics = metrics
         self.relays: set[WorkerRelay] = set()
+        self.limits = limits.Limits(config.maxWorkers, config.maxPerPeer)
+        self._slots: dict[WorkerRelay, limits.Slot] = {}
+        self._lifetimes: dict[WorkerRelay, IDelayedCall] = {}
+        self._graceKills: dict[spawn.WorkerProcess, IDelayedCall] = {}
         self._ids = itertools.count(1)
         self._closeWatch: ICloseWatch | None = None
         self._allEnded: list[defer.Deferred[None]] = []
@@ -83,9 +101,29 @@ class CloseWatchFactory(Factory):
             self._closeWatch.stop()
             self._closeWatch = None
 
-    def buildProtocol(self, addr: Any) -> WorkerRelay:
+    def buildProtocol(self, addr: Any) -> Protocol:
+        """
+        A relay for a connection from C{addr} (the original client's address
+        behind the PROXY protocol), or a L{limits.Refusal} if a limit is
+        reached.
+        """
+        if self.metrics is not None:
+            self.metrics.accepted()
+        try:
+            slot = self.limits.admit(addr)
+        except limits.Refused as refused:
+            log.info(
+                "refused {peer}: {reason}",
+                peer=limits.peerKey(addr) or str(addr),
+                reason=refused.reason,
+                refused=True,
+            )
+            if self.metrics is not None:
+                self.metrics.refused(refused.reason)
+            return limits.Refusal(self.config.busyMessage, self.reactor)
         relay = WorkerRelay(self, next(self._ids))
         self.relays.add(relay)
+        self._slots[relay] = slot
         return relay
 
     def workerEnvironment(self, relay: WorkerRelay) -> Mapping[str, str]:
@@ -102,28 +140,56 @@ class CloseWatchFactory(Factory):
 
         @raise OSError: it could not be started.
         """
-        return spawn.spawnWorker(
+        started = time.perf_counter()
+        worker = spawn.spawnWorker(
             self.reactor,
             WorkerProcessProtocol(relay),
             self.config.argv,
             self.workerEnvironment(relay),
             self.config.pipeSize,
+            self.guardian,
         )
+        if self.metrics is not None:
+            self.metrics.spawned(time.perf_counter() - started)
+        if self.config.maxLifetime:
+            self._lifetimes[relay] = self.reactor.callLater(
+                self.config.maxLifetime, relay.clientGone, "max-lifetime"
+            )
+        return worker
 
     def killWorker(self, worker: spawn.WorkerProcess) -> None:
         """
-        Kill C{worker}'s whole process group.
+        Kill C{worker}'s whole process group: with C{SIGKILL} at once or,
+        given a grace period, with C{SIGTERM} first and C{SIGKILL} once the
+        grace is over (procmon's C{killTime}), unless it is reaped before.
         """
-        try:
-            worker.signalProcess("KILL")
-        except ProcessExitedAlready:
-            pass
+        if not self.config.grace:
+            _signal(worker, "KILL")
+        elif worker not in self._graceKills and _signal(worker, "TERM"):
+            self._graceKills[worker] = self.reactor.callLater(
+                self.config.grace, _signal, worker, "KILL"
+            )
+
+    def workerReaped(self, relay: WorkerRelay) -> None:
+        """
+        The worker of C{relay} has been reaped: its slot is free (while its
+        last output may still be on its way to the client), its timers are
+        moot.
+        """
+        self._slots[relay].release()
+        for call in (self._lifetimes.pop(relay, None), self._graceKills.pop(relay.worker, None)):
+            if call is not None and call.active():
+                call.cancel()
+        if self.metrics is not None:
+            self.metrics.reaped()
 
     def connectionEnded(self, relay: WorkerRelay) -> None:
         """
-        Both sides of C{relay} are done: log its end, forget it.
+        Both sides of C{relay} are done: log its end, count it, give its
+        slot back if its worker did not (it never started), forget it.
         """
         self.relays.discard(relay)
+        self._slots.pop(relay).release()
         record = relay.record
         log.info(
             "[{connection_id}] {peer} ended: {reason}, worker {pid} "
@@ -142,6 +208,8 @@ class CloseWatchFactory(Factory):
             kill_latency_ms=record.killLatencyMS,
             stderr_dropped=record.stderrDropped,
         )
+        if self.metrics is not None:
+            self.metrics.ended(record)
         if not self.relays:
             waiting, self._allEnded = self._allEnded, []
             for d in waiting:
@@ -160,6 +228,17 @@ class CloseWatchFactory(Factory):
         d: defer.Deferred[None] = defer.Deferred()
         self._allEnded.append(d)
         return d
+
+
+def _signal(worker: spawn.WorkerProcess, name: str) -> bool:
+    """
+    Signal C{worker}'s group; C{False} if it is gone already.
+    """
+    try:
+        worker.signalProcess(name)
+    except ProcessExitedAlready:
+        return False
+    return True
 
 
 def _since(started: float) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from twisted_closewatch import metrics, proxy
 from twisted_closewatch.config import Config, defaultCommand
 
 DEFAULT_LISTEN = "tcp:8787:interface=127.0.0.1"
@@ -184,6 +185,52 @@ class Options(usage.Options):
             "0 = off.",
             parseSeconds,
         ],
+        [
+            "max-workers",
+            None,
+            1000,
+            "Connections with a worker at most; more clients get "
+            "--busy-message and are closed (1-1000000).",
+            lambda v: parseWholeNumber(v, minimum=1, maximum=10**6, what="--max-workers"),
+        ],
+        [
+            "busy-message",
+            None,
+            b"",
+            "What a client refused by --max-workers or --max-per-peer is sent "
+            "before the close, with Python escapes (\\r\\n).",
+            parseBytes,
+        ],
+        [
+            "max-per-peer",
+            None,
+            0,
+            "Connections with a worker per client IP address at most (behind "
+            "haproxy:, the original client's); 0 = off.",
+            lambda v: parseWholeNumber(v, minimum=0, maximum=10**6, what="--max-per-peer"),
+        ],
+        [
+            "max-lifetime",
+            None,
+            0.0,
+            "Seconds a worker may run before it is killed; 0 = off.",
+            parseSeconds,
+        ],
+        [
+            "grace",
+            None,
+            0.0,
+            "Seconds between SIGTERM and SIGKILL when a worker is killed; "
+            "0 = SIGKILL at once.",
+            lambda v: parseSeconds(v, maximum=3600),
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "A Twisted server endpoint serving Prometheus metrics over HTTP at "
+            "/metrics, e.g. tcp:9787:interface=127.0.0.1 (needs prometheus_client).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -231,6 +278,15 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["endpoints"] = [_parseEndpoint(d) for d in self["listen"]]
+        if self["metrics"] is not None:
+            if not metrics.available():
+                raise usage.UsageError(
+                    "--metrics needs prometheus_client: "
+                    "pip install 'twisted-closewatch[production]'"
+                )
+            self["metrics-endpoint"] = _parseEndpoint(self["metrics"], "--metrics")
+        else:
+            self["metrics-endpoint"] = None
         self["config"] = self.config()
 
     def config(self) -> Config:
@@ -250,13 +306,25 @@ class Options(usage.Options):
             heartbeat=self["heartbeat"],
             heartbeatData=self["heartbeat-data"],
             idleTimeout=self["idle-timeout"],
+            maxWorkers=self["max-workers"],
+            maxPerPeer=self["max-per-peer"],
+            maxLifetime=self["max-lifetime"],
+            grace=self["grace"],
+            busyMessage=self["busy-message"],
         )
 
 
-def _parseEndpoint(description: str) -> Any:
+def _parseEndpoint(description: str, option: str = "--listen") -> Any:
+    """
+    The endpoint C{description} names; C{haproxy:} is closewatch's own
+    PROXY-protocol wrapper (see L{twisted_closewatch.proxy}).
+    """
     from twisted.internet import endpoints, reactor
 
+    kind, _, rest = description.partition(":")
     try:
+        if kind.lower() == "haproxy":
+            return proxy.ProxyEndpoint(endpoints.serverFromString(reactor, rest))
         return endpoints.serverFromString(reactor, description)
     except Exception as e:
-        raise usage.UsageError(f"--listen {description!r}: {e or type(e).__name__}")
+        raise usage.UsageError(f"{option} {description!r}: {e or type(e).__name__}")

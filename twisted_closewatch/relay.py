@@ -327,6 +327,7 @@ class WorkerRelay(Protocol):
             self.record.killLatencyMS = (time.monotonic() - self.record.goneAt) * 1000
         else:
             self.record.reason = "worker-exited"
+        self.factory.workerReaped(self)
         self.transport.unregisterProducer()
         if self._connected:
             self.resumeClient()

@@ -1,6 +1,7 @@
 """
-closewatch as a Twisted service: listen on endpoints, and on stop, kill
-every worker and wait until all are reaped.
+closewatch as a Twisted service: start the guardian, listen on endpoints,
+and on stop, kill every worker, wait until all are reaped, and let the
+guardian go.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from twisted_closewatch.factory import CloseWatchFactory
+from twisted_closewatch.guardian import Guardian
 
 log = Logger()
 
@@ -35,6 +37,16 @@ class CloseWatchService(MultiService):
             # A port that cannot be bound is a start-up error, not a log line.
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
+        self.guardian = Guardian(factory.reactor)
+
+    def startService(self) -> None:
+        """
+        Start the guardian before any connection is served: no worker may
+        run without one.
+        """
+        self.guardian.start()
+        self.factory.guardian = self.guardian
+        super().startService()
 
     def stopService(self) -> Deferred[Any]:
         """
@@ -43,6 +55,7 @@ class CloseWatchService(MultiService):
         """
         d: Deferred[Any] = super().stopService()
         d.addCallback(lambda _: self.factory.stopWorkers("server-stopping"))
+        d.addCallback(lambda _: self.guardian.stop())
         d.addCallback(self._stoppedCleanly)
         return d
 

@@ -24,7 +24,7 @@ import fcntl
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import process
 from twisted.internet.error import ProcessExitedAlready
@@ -32,6 +32,9 @@ from twisted.internet.interfaces import IProcessProtocol, IReactorCore
 from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IReadDescriptor
+
+if TYPE_CHECKING:
+    from twisted_closewatch.guardian import Guardian
 
 log = Logger()
 
@@ -178,7 +181,9 @@ class WorkerProcess(process.Process):
         environment: Mapping[str, str],
         proto: IProcessProtocol,
         pipeSize: int = PIPE_SIZE,
+        guardian: Guardian | None = None,
     ) -> None:
+        self._guardian = guardian
         super().__init__(reactor, executable, list(args), dict(environment), None, proto)
         for pipe in self.pipes.values():
             _resizePipe(pipe.fileno(), pipeSize)
@@ -207,6 +212,9 @@ class WorkerProcess(process.Process):
             setsigdef=_ignoredSignals(),
             setsid=True,
         )
+        # At once: a server killed from here on still takes the worker along.
+        if self._guardian is not None:
+            self._guardian.register(self.pid)
         self.status = -1
         return True
 
@@ -244,6 +252,9 @@ class WorkerProcess(process.Process):
             os.killpg(self.pid, signal.SIGKILL)
         except OSError:
             pass
+        # Before the reap, after which the group id may be reused.
+        if self._guardian is not None:
+            self._guardian.unregister(self.pid)
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -278,12 +289,13 @@ def spawnWorker(
     argv: Sequence[str],
     environment: Mapping[str, str],
     pipeSize: int = PIPE_SIZE,
+    guardian: Guardian | None = None,
 ) -> WorkerProcess:
     """
     Start C{argv} (C{argv[0]} an absolute path) as a new session leader
-    connected to C{protocol}.
+    connected to C{protocol}, registered with C{guardian} if given.
 
     @raise OSError: the worker could not be started (missing executable,
         out of descriptors or processes).
     """
-    return WorkerProcess(reactor, argv[0], argv, environment, protocol, pipeSize)
+    return WorkerProcess(reactor, argv[0], argv, environment, protocol, pipeSize, guardian)

@@ -8,6 +8,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 
 from twisted_closewatch import liveness
+from twisted_closewatch import metrics
 from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.options import Options
 from twisted_closewatch.service import CloseWatchService
@@ -29,5 +30,11 @@ def makeService(options: Options) -> IService:
         options["config"], zip(options["listen"], options["endpoints"])
     ):
         log.warn("{warning}", warning=warning)
-    factory = CloseWatchFactory(options["config"], reactor)
-    return CloseWatchService(factory, options["endpoints"])
+    serverMetrics = None
+    if options["metrics-endpoint"] is not None:
+        serverMetrics = metrics.ServerMetrics()
+    factory = CloseWatchFactory(options["config"], reactor, serverMetrics)
+    service = CloseWatchService(factory, options["endpoints"])
+    if serverMetrics is not None:
+        serverMetrics.service(options["metrics-endpoint"]).setServiceParent(service)
+    return service

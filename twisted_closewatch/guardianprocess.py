@@ -1,0 +1,69 @@
+"""
+The guardian process (see L{twisted_closewatch.guardian}): reads C{+PGID}
+and C{-PGID} lines from the server on its stdin and, at end-of-file,
+C{SIGKILL}s every process group still registered, then exits.
+
+Standard library only, and run isolated (C{python -I -S}), so that it
+starts in milliseconds and costs a few MB.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _readMessages(fd: int) -> set[int]:
+    """
+    Follow the server's messages until end-of-file; return the groups still
+    registered then.
+    """
+    groups: set[int] = set()
+    partial = b""
+    while True:
+        data = os.read(fd, 65536)
+        if not data:
+            return groups
+        lines = (partial + data).split(b"\n")
+        partial = lines.pop()
+        for line in lines:
+            pgid = int(line[1:])
+            if line.startswith(b"+"):
+                groups.add(pgid)
+            else:
+                groups.discard(pgid)
+
+
+def main() -> None:
+    """
+    The guardian process.
+    """
+    try:
+        os.setsid()
+    except PermissionError:
+        # Already a process group leader: then it has a group of its own.
+        pass
+    os.chdir("/")
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    groups = _readMessages(0)
+    killed = 0
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    if groups:
+        try:
+            sys.stderr.write(
+                f"closewatch guardian: server gone, killed {killed} worker process group(s)\n"
+            )
+            sys.stderr.flush()
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""
+Admission: how many connections may hold a worker, overall and per client
+address.
+
+A connection takes a L{Slot} when it is accepted and gives it back when its
+worker has been reaped, or, if it never had one (spawn failure), when the
+connection has ended.  The factory releases it in the two places every
+connection passes through, whatever way it ended (client close, reset or
+half-close, worker exit, spawn failure, max lifetime, server stop), and a
+release is idempotent, so no path can leak a slot or free one twice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+#: Seconds a refused client gets to close after reading the busy message
+#: before its connection is aborted.
+REFUSAL_LINGER = 2.0
+
+
+class Refused(Exception):
+    """
+    A connection may not have a worker.
+
+    @ivar reason: C{"max-workers"} or C{"max-per-peer"}.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def peerKey(address: Any) -> str | None:
+    """
+    What the per-peer limit counts by: the IP address of a TCP peer (the
+    original client's when the PROXY protocol named it); C{None} for
+    transports without one, which the per-peer limit does not apply to.
+    """
+    if getattr(address, "type", None) in ("TCP", "TCP6"):
+        host: str = address.host
+        return host
+    return None
+
+
+class Slot:
+    """
+    One admitted connection's share of the limits.
+    """
+
+    def __init__(self, limits: Limits, peer: str | None) -> None:
+        self._limits = limits
+        self.peer = peer
+        self._held = True
+
+    def release(self) -> None:
+        """
+        Give the slot back; calling this again does nothing, so a second end
+        notification can never free someone else's slot.
+        """
+        if self._held:
+            self._held = False
+            self._limits._release(self)
+
+
+class Limits:
+    """
+    Counts the slots held, overall and per peer address.
+
+    @ivar active: slots held now.
+    """
+
+    def __init__(self, maxWorkers: int, maxPerPeer: int = 0) -> None:
+        self.maxWorkers = maxWorkers
+        self.maxPerPeer = maxPerPeer
+        self.active = 0
+        self._perPeer: Counter[str] = Counter()
+
+    def perPeer(self, peer: str) -> int:
+        """
+        Slots C{peer} holds now.
+        """
+        return self._perPeer[peer]
+
+    def __len__(self) -> int:
+        """
+        How many peers hold at least one slot (entries are dropped at zero,
+        so a stream of distinct clients does not grow this forever).
+        """
+        return len(self._perPeer)
+
+    def admit(self, address: Any) -> Slot:
+        """
+        Take a slot for a connection from C{address}.
+
+        @raise Refused: a limit is reached.
+        """
+        if self.active >= self.maxWorkers:
+            raise Refused("max-workers")
+        peer = peerKey(address) if self.maxPerPeer else None
+        if peer is not None and self._perPeer[peer] >= self.maxPerPeer:
+            raise Refused("max-per-peer")
+        self.active += 1
+        if peer is not None:
+            self._perPeer[peer] += 1
+        return Slot(self, peer)
+
+    def _release(self, slot: Slot) -> None:
+        self.active -= 1
+        if slot.peer is not None:
+            self._perPeer[slot.peer] -= 1
+            if not self._perPeer[slot.peer]:
+                del self._perPeer[slot.peer]
+
+
+class Refusal(Protocol):
+    """
+    What a refused client gets: the busy message, then a close.
+
+    The close is a half-close where the transport allows it, and what the
+    client sends meanwhile is read and dropped: closing a socket with unread
+    data makes the kernel send a reset, which can destroy the busy message
+    before the client has read it.
+    """
+
+    _linger: IDelayedCall | None = None
+
+    def __init__(self, message: bytes, reactor: Any) -> None:
+        self._message = message
+        self._reactor = reactor
+
+    def connectionMade(self) -> None:
+        if self._message:
+            self.transport.write(self._message)
+        # Twisted's TLS layer would pass loseWriteConnection to the TCP
+        # transport under it: a bare FIN behind the TLS layer's back.
+        loseWriteConnection = getattr(self.transport, "loseWriteConnection", None)
+        if loseWriteConnection is None or ISSLTransport.providedBy(self.transport):
+            self.transport.loseConnection()
+            return
+        loseWriteConnection()
+        self._linger = self._reactor.callLater(REFUSAL_LINGER, self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
