@@ -271,6 +271,8 @@ class Options(usage.Options):
             raise usage.UsageError("--heartbeat-data must not be empty with --heartbeat on")
         if self["read-ahead"] < 1:
             raise usage.UsageError("--read-ahead must be at least 1 byte")
+        if self["read-ahead"] > 1024**3:
+            raise usage.UsageError("--read-ahead must be at most 1g")
         if self["command"]:
             self["argv"] = (resolveCommand(self["command"][0]), *self["command"][1:])
         else:
@@ -324,7 +326,21 @@ def _parseEndpoint(description: str, option: str = "--listen") -> Any:
     kind, _, rest = description.partition(":")
     try:
         if kind.lower() == "haproxy":
-            return proxy.ProxyEndpoint(endpoints.serverFromString(reactor, rest))
-        return endpoints.serverFromString(reactor, description)
+            return proxy.ProxyEndpoint(_bindable(endpoints.serverFromString(reactor, rest)))
+        return _bindable(endpoints.serverFromString(reactor, description))
     except Exception as e:
         raise usage.UsageError(f"{option} {description!r}: {e or type(e).__name__}")
+
+
+def _bindable(endpoint: Any) -> Any:
+    """
+    C{endpoint}, unless its port or unix path can never be bound: Twisted
+    parses them unchecked, and the bind at start-up would fail with a
+    traceback instead of a usage error.
+    """
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is not between 0 and 65535")
+    if getattr(endpoint, "_address", None) in ("", b""):
+        raise ValueError("the unix socket path is empty")
+    return endpoint

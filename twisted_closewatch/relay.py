@@ -165,6 +165,9 @@ class WorkerProcessProtocol(ProcessProtocol):
     def errReceived(self, data: bytes) -> None:
         self._stderr.dataReceived(data)
 
+    def processExited(self, reason: Failure) -> None:
+        self._relay.workerExited()
+
     def processEnded(self, reason: Failure) -> None:
         self._stderr.flush()
         self._relay.workerEnded(reason)
@@ -185,6 +188,7 @@ class WorkerRelay(Protocol):
     _paused = False
     _connected = False
     _workerRunning = False
+    _workerReaped = False
 
     def __init__(self, factory: CloseWatchFactory, connectionID: int) -> None:
         self.factory = factory
@@ -318,6 +322,17 @@ class WorkerRelay(Protocol):
         self._liveness.clientWritten()
         self.transport.write(data)
 
+    def workerExited(self) -> None:
+        """
+        The worker is reaped and its group killed; its pipes end when the
+        last process holding them does, and that may be one that left the
+        group (a daemon that called setsid).  Once the client is gone nobody
+        needs the rest, so stop waiting for it.
+        """
+        self._workerReaped = True
+        if self.record.goneAt is not None:
+            self.worker.loseConnection()
+
     def workerEnded(self, reason: Failure) -> None:
         self._workerRunning = False
         status = reason.value
@@ -347,6 +362,8 @@ class WorkerRelay(Protocol):
         self.record.reason = reason
         if self._workerRunning:
             self.factory.killWorker(self.worker)
+            if self._workerReaped:
+                self.worker.loseConnection()
         if self._connected:
             self._unwatch()
             if reason == "client-closed":
