@@ -42,7 +42,7 @@ from tests.support import (
 ENV_WORKER = [
     "/bin/sh",
     "-c",
-    'echo "$$ $TCPREMOTEIP $TCPREMOTEPORT $NODE"; exec sleep 100000',
+    'echo "$$ $TCPREMOTEIP $TCPREMOTEPORT $TCPLOCALPORT $NODE"; exec sleep 100000',
 ]
 #: Has a child in its process group, then blocks.
 FAMILY_WORKER = ["/bin/sh", "-c", "sleep 100000 & echo $$; wait"]
@@ -525,14 +525,16 @@ class HAProxyTests(TestCase):
 
     def test_clientAddressAndClose(self) -> None:
         """
-        Each worker sees the original client's address and port; nodes take
-        turns; a client's close through HAProxy kills its worker at once.
+        Each worker sees the original client's address and port, and the
+        frontend's port; nodes take turns; a client's close through HAProxy
+        kills its worker at once.
         """
         seen = set()
         for _ in range(2):
             sock = self.connect(self.front)
-            pid, ip, port, node = readLine(sock).decode().split()
+            pid, ip, port, localPort, node = readLine(sock).decode().split()
             self.assertEqual((ip, int(port)), sock.getsockname())
+            self.assertEqual(int(localPort), self.front)
             seen.add(node)
             started = time.monotonic()
             sock.close()
@@ -638,9 +640,8 @@ class TLSTests(TestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         keyPath, certPath = makeCertificate(directory)
-        self.server = startServer(
-            self, listen=f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}"
-        )
+        self.listen = f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}"
+        self.server = startServer(self, listen=self.listen)
         self.context = ssl.create_default_context()
         self.context.check_hostname = False
         self.context.verify_mode = ssl.CERT_NONE
@@ -663,13 +664,34 @@ class TLSTests(TestCase):
         sock, pid = self.connectWorker()
         sock.close()
         waitGone([pid], 5)
-        self.assertLess(self.server.endOf(1)["kill_latency_ms"], 1000)
+        end = self.server.endOf(1)
+        self.assertEqual(end["reason"], "client-reset")
+        self.assertLess(end["kill_latency_ms"], 1000)
 
     def test_reset(self) -> None:
         sock, pid = self.connectWorker()
         reset(sock)
         waitGone([pid], 5)
         self.assertEqual(self.server.endOf(1)["reason"], "client-reset")
+
+    def test_noHalfCloseUnderTLS(self) -> None:
+        """
+        Under TLS, close_notify ends the connection even with --half-close
+        forward: the worker is killed, nothing more is delivered.
+        """
+        self.server = startServer(
+            self,
+            ["--half-close", "forward"],
+            ["/bin/sh", "-c", "echo $$; wc -c; echo late"],
+            listen=self.listen,
+        )
+        sock, pid = self.connectWorker()
+        sock.sendall(b"x" * 10)
+        raw = sock.unwrap()
+        waitGone([pid], 5)
+        self.assertEqual(readAll(raw), b"")
+        raw.close()
+        self.assertEqual(self.server.endOf(1)["reason"], "client-closed")
 
     def test_keepaliveUnderTLS(self) -> None:
         """
