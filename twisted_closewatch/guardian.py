@@ -6,9 +6,9 @@ could ask for C{prctl(PR_SET_PDEATHSIG)}; and as session leaders they would
 outlive a server killed with C{SIGKILL} or crashed.  Instead, one small
 helper process per server, the guardian (L{twisted_closewatch.guardianprocess},
 standard library only, so that it starts small), holds the read end of a
-pipe from the server.
-The server writes C{+PGID} when it spawns a worker and C{-PGID} just before
-it reaps one (while the group id cannot be reused yet).  When the pipe
+pipe from the server.  The server writes C{+PGID} when it spawns a worker
+and C{-PGID} just before it reaps one (while the group id cannot be reused
+yet).  When the pipe
 reaches end-of-file, which the kernel guarantees however the server ended,
 the guardian C{SIGKILL}s every group still registered and exits.
 
@@ -87,8 +87,8 @@ class Guardian:
             self._process = self._reactor.spawnProcess(
                 _GuardianProtocol(self),
                 sys.executable,
-                # Isolated (-I -S): nothing from the environment or site
-                # directories, so nothing can keep it from starting.
+                # Isolated (-I -S): no PYTHON* variables, no site
+                # directories; it needs the standard library only.
                 [sys.executable, "-I", "-S", guardianprocess.__file__],
                 env=dict(os.environ),
                 childFDs={0: readEnd, 1: 2, 2: 2},

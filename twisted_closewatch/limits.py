@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 #: Seconds a refused client gets to close after reading the busy message
@@ -149,7 +149,7 @@ class Refusal(Protocol):
     def dataReceived(self, data: bytes) -> None:
         pass
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._linger = None

@@ -23,8 +23,8 @@ from twisted.web.server import Site
 
 try:
     import prometheus_client
-except ImportError:  # pragma: no cover - the production extra is not installed
-    prometheus_client = None
+except ImportError:  # the production extra is not installed
+    prometheus_client = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from twisted_closewatch.relay import ConnectionRecord
