@@ -298,6 +298,7 @@ def closewatchOptions(serverPython: str, maxWorkers: int) -> list[str]:
     out = subprocess.run(
         [serverPython, "-c", "from twisted.scripts.twistd import run; run()", "closewatch", "--help"],
         capture_output=True, text=True, env=closewatchEnv(), timeout=60,
+        cwd=tempfile.gettempdir(),  # as for the server: no shadowing from "."
     )
     if out.returncode:
         raise RuntimeError(f"twistd closewatch --help failed:\n{out.stdout}{out.stderr}")
@@ -902,6 +903,19 @@ def _rssKiB(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpuSeconds(pid: int) -> float:
+    """utime + stime of a process (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _children(pid: int) -> list[int]:
     out = []
     try:
@@ -982,6 +996,7 @@ def throughputOnce(server: Server, total: int, chunk: int = 4 * MiB) -> dict:
         # relay; for closewatch twistd and any helper process it runs.
         pids = _serverPids(server.pid, "cat")
         peak["pids"] = pids
+        peak["cpu0"] = sum(_cpuSeconds(p) for p in pids)
         while not stop.is_set():
             rss = [_rssKiB(p) for p in pids]
             peak["kib"] = max(peak["kib"], sum(rss))
@@ -1002,6 +1017,8 @@ def throughputOnce(server: Server, total: int, chunk: int = 4 * MiB) -> dict:
     rt.join(120)
     stop.set()
     st.join(5)
+    # Before the close: socat's relaying child is still alive to be read.
+    cpu = sum(_cpuSeconds(p) for p in peak["pids"]) - peak.get("cpu0", 0.0)
     hwm = _rssKiB(server.pid, "VmHWM") if hwmReset else None
     s.close()
     WORKERS.killall()
@@ -1014,6 +1031,10 @@ def throughputOnce(server: Server, total: int, chunk: int = 4 * MiB) -> dict:
         "error": state["error"] or sendError,
         "seconds": t1 - t0,
         "mb_per_s": total / (t1 - t0) / 1e6 if ok else None,
+        # Load-independent: the server's CPU per MiB relayed (both directions
+        # count, so 2 x total bytes cross the relay).
+        "server_cpu_s": cpu,
+        "server_cpu_ms_per_mib": cpu * 1000 / (2 * total / MiB) if ok else None,
         "peak_rss_mb_sampled": peak["main"] / 1024,
         "peak_tree_rss_mb_sampled": peak["kib"] / 1024,
         "server_pids_sampled": len(peak["pids"]),
@@ -1156,6 +1177,8 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
         f"relay MB/s ({res['config']['throughput_mib']} MiB each way at once, cat)",
         lambda s: tp.get(s, {}).get("mb_per_s"), 0,
     )
+    simpleRow("server CPU ms per MiB relayed (load-independent)",
+              lambda s: tp.get(s, {}).get("server_cpu_ms_per_mib"), 2)
     simpleRow("peak server RSS MB during relay (main process)", lambda s: tp.get(s, {}).get("peak_rss_mb"), 1)
     simpleRow("peak RSS MB of all server processes (helpers, socat children)",
               lambda s: tp.get(s, {}).get("peak_tree_rss_mb"), 1)
@@ -1313,7 +1336,7 @@ def main() -> int:
         servers.append(name)
     check = subprocess.run(
         [args.server_python, "-c", "import twisted, attr, twisted_closewatch; print(twisted_closewatch.__file__)"],
-        capture_output=True, env=closewatchEnv(), text=True,
+        capture_output=True, env=closewatchEnv(), text=True, cwd=tempfile.gettempdir(),
     )
     if check.returncode:
         sys.exit(f"{args.server_python} cannot import Twisted/attrs: pass --server-python "
@@ -1430,6 +1453,7 @@ def main() -> int:
                         r = throughputOnce(srv, cfg["throughput_mib"] * MiB)
                         reps.append(r)
                         log(f"throughput rep {rep} {name:10s}: {fmt(r['mb_per_s'], 0)} MB/s, "
+                            f"server CPU {fmt(r['server_cpu_ms_per_mib'], 2)} ms/MiB, "
                             f"peak RSS {r['peak_rss_mb_sampled']:.1f} MB (VmHWM {fmt(r['vmhwm_mb'], 1)})"
                             + ("" if r["ok"] else f" FAILED {r['error']} {r['received']}"))
                         time.sleep(0.3)
@@ -1442,6 +1466,7 @@ def main() -> int:
                         max(r["peak_rss_mb_sampled"], r["vmhwm_mb"] or 0) for r in reps
                     ),
                     "peak_tree_rss_mb": max(r["peak_tree_rss_mb_sampled"] for r in reps),
+                    "server_cpu_ms_per_mib": median([r["server_cpu_ms_per_mib"] for r in reps]),
                     "server_comms": reps[-1]["server_comms"],
                     "all_ok": all(r["ok"] for r in reps),
                 }
