@@ -47,7 +47,7 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 
@@ -272,9 +272,17 @@ class Server:
         return code
 
     def cleanup(self) -> None:
+        """
+        Stop the server if a test left it running: SIGTERM first, so that it
+        kills its workers, SIGKILL if it does not stop.
+        """
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
         self._log.close()
         if os.path.exists(self.logPath):
             os.unlink(self.logPath)

@@ -123,6 +123,27 @@ class WorkerExitTests(ServerTestCase):
         self.assertIsNone(end["kill_latency_ms"])
         self.assertEqual(end["bytes_out"], 300000)
 
+    def test_unreadInputDoesNotResetOutput(self) -> None:
+        """
+        A worker that exits without reading all its input still has all its
+        output delivered: the server does not close a socket with unread
+        input (which would reset the connection and drop queued output).
+        """
+        server = self.startServer(command=["/bin/sh", "-c", "head -c 4194304 /dev/zero"])
+        sock = server.connect()
+        sock.setblocking(False)
+        sent = 0
+        try:
+            while sent < 4 * 1024 * 1024:
+                sent += sock.send(b"u" * 65536)
+        except BlockingIOError:
+            pass
+        self.assertGreater(sent, 1024 * 1024 + 256 * 1024, "the server's buffers did not fill")
+        time.sleep(0.5)
+        sock.setblocking(True)
+        self.assertEqual(len(readAll(sock)), 4194304)
+        self.assertEqual(server.endOf(1)["reason"], "worker-exited")
+
     def test_stderrLogged(self) -> None:
         """
         stderr goes to the log, tagged with the connection, never to the

@@ -27,8 +27,6 @@ class Config:
     @ivar halfClose: C{"kill"} or C{"forward"}: what a client's FIN means.
     @ivar readAhead: client bytes held in memory per connection beyond the
         worker's stdin pipe before the client is paused.
-    @ivar clientBuffer: worker bytes held per connection before the worker's
-        stdout is paused.
     @ivar pipeSize: capacity asked for the worker's pipes (Linux).
     @ivar keepalive: turn on C{SO_KEEPALIVE} on client sockets.
     @ivar keepaliveIdle: seconds of silence before the first probe.
@@ -53,7 +51,6 @@ class Config:
         default="kill", validator=attr.validators.in_(("kill", "forward"))
     )
     readAhead: int = 256 * 1024
-    clientBuffer: int = 256 * 1024
     pipeSize: int = 1024 * 1024
     keepalive: bool = True
     keepaliveIdle: int = 60

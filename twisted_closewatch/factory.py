@@ -95,6 +95,7 @@ class CloseWatchFactory(Factory):
 
     def startFactory(self) -> None:
         spawn.closeOnExecSweep()
+        spawn.raiseFileLimit()
 
     def stopFactory(self) -> None:
         if self._closeWatch is not None and not self.relays:
@@ -201,7 +202,9 @@ class CloseWatchFactory(Factory):
             reason=record.reason,
             exit_code=record.exitCode,
             exit_signal=record.exitSignal,
-            exit_description=_exitDescription(record.exitCode, record.exitSignal),
+            exit_description=_exitDescription(
+                record.exitCode, record.exitSignal, record.killLatencyMS
+            ),
             duration=_since(record.started),
             bytes_in=record.bytesIn,
             bytes_out=record.bytesOut,
@@ -245,9 +248,13 @@ def _since(started: float) -> float:
     return time.monotonic() - started
 
 
-def _exitDescription(code: int | None, signal: int | None) -> str:
+def _exitDescription(code: int | None, signal: int | None, killLatencyMS: float | None) -> str:
     if signal is not None:
-        return f"killed by signal {signal}"
-    if code is not None:
-        return f"exited with status {code}"
-    return "never started"
+        description = f"killed by signal {signal}"
+    elif code is not None:
+        description = f"exited with status {code}"
+    else:
+        return "never started"
+    if killLatencyMS is not None:
+        description += f" {killLatencyMS:.2f} ms after the client was gone"
+    return description

@@ -123,7 +123,7 @@ class Options(usage.Options):
         [
             "read-ahead",
             None,
-            262144,
+            "256k",
             "Client bytes held in memory per connection beyond the worker's "
             "stdin pipe before the client is paused (e.g. 65536, 256k, 4m).",
             parseSize,
@@ -172,7 +172,7 @@ class Options(usage.Options):
         [
             "heartbeat-data",
             None,
-            b"\n",
+            "\\n",
             "The heartbeat, with Python escapes (\\x00, \\r\\n).",
             parseBytes,
         ],
@@ -196,9 +196,9 @@ class Options(usage.Options):
         [
             "busy-message",
             None,
-            b"",
+            None,
             "What a client refused by --max-workers or --max-per-peer is sent "
-            "before the close, with Python escapes (\\r\\n).",
+            "before the close, with Python escapes (\\r\\n); none by default.",
             parseBytes,
         ],
         [
@@ -241,8 +241,7 @@ class Options(usage.Options):
 
     def opt_listen(self, description: str) -> None:
         """
-        A Twisted server endpoint to listen on (repeatable): tcp, tcp6, unix,
-        ssl, systemd, haproxy, ... [default: tcp:8787:interface=127.0.0.1]
+        A Twisted server endpoint to listen on (repeatable): tcp, tcp6, unix, ssl, systemd, haproxy, ... [default: tcp:8787:interface=127.0.0.1]
         """
         self["listen"].append(description)
 
@@ -261,6 +260,11 @@ class Options(usage.Options):
         self["command"] = list(command)
 
     def postOptions(self) -> None:
+        # usage.Options coerces given values only; these defaults are written
+        # as a user would write them, for --help.
+        for name, parse in _TEXT_DEFAULTS.items():
+            if isinstance(self[name], str):
+                self[name] = parse(self[name])
         if self["half-close"] not in ("kill", "forward"):
             raise usage.UsageError(
                 f"--half-close {self['half-close']!r}: expected 'kill' or 'forward'"
@@ -269,8 +273,8 @@ class Options(usage.Options):
             raise usage.UsageError("--keepalive and --no-keepalive contradict each other")
         if self["heartbeat"] and not self["heartbeat-data"]:
             raise usage.UsageError("--heartbeat-data must not be empty with --heartbeat on")
-        if self["read-ahead"] < 1:
-            raise usage.UsageError("--read-ahead must be at least 1 byte")
+        if self["read-ahead"] < 4096:
+            raise usage.UsageError("--read-ahead must be at least 4k")
         if self["read-ahead"] > 1024**3:
             raise usage.UsageError("--read-ahead must be at most 1g")
         if self["command"]:
@@ -312,8 +316,11 @@ class Options(usage.Options):
             maxPerPeer=self["max-per-peer"],
             maxLifetime=self["max-lifetime"],
             grace=self["grace"],
-            busyMessage=self["busy-message"],
+            busyMessage=self["busy-message"] or b"",
         )
+
+
+_TEXT_DEFAULTS = {"read-ahead": parseSize, "heartbeat-data": parseBytes, "busy-message": parseBytes}
 
 
 def _parseEndpoint(description: str, option: str = "--listen") -> Any:

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_closewatch import liveness
+from twisted_closewatch.linger import LingeringClose
 
 if TYPE_CHECKING:
     from twisted_closewatch.factory import CloseWatchFactory
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: How long a connection whose worker has exited waits, its output sent,
+#: for the client to close its side too.
+LINGER_SECONDS = 30.0
 #: Longest stderr line logged as one event; longer lines are cut.
 STDERR_LINE_MAX = 4096
 #: Stderr lines logged per connection per second; the rest are counted.
@@ -189,6 +193,8 @@ class WorkerRelay(Protocol):
     _connected = False
     _workerRunning = False
     _workerReaped = False
+    _clientFinished = False
+    _linger: LingeringClose | None = None
 
     def __init__(self, factory: CloseWatchFactory, connectionID: int) -> None:
         self.factory = factory
@@ -204,7 +210,10 @@ class WorkerRelay(Protocol):
         self._probe = _probeSocket(transport)
         if self._probe is not None:
             self._liveness.configureSocket(self._probe)
-        transport.bufferSize = self.factory.config.clientBuffer
+        # One read from the client is at most a quarter of the read-ahead;
+        # the worker's stdin buffer pauses the client past the other three
+        # quarters, so at most the read-ahead is ever held for the worker.
+        transport.bufferSize = readSize = _clientReadSize(self.factory.config.readAhead)
         try:
             self.worker = self.factory.spawnWorker(self)
         except OSError as e:
@@ -220,12 +229,15 @@ class WorkerRelay(Protocol):
             return
         self._workerRunning = True
         self.record.pid = self.worker.pid
-        self.worker.pipes[0].bufferSize = self.factory.config.readAhead
+        self.worker.pipes[0].bufferSize = self.factory.config.readAhead - readSize
         self.worker.registerProducer(_ClientReading(self), True)
         transport.registerProducer(_WorkerReading(self.worker), True)
         self._liveness.start()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._linger is not None:
+            self._linger.inputReceived()
+            return
         self.record.bytesIn += len(data)
         self._liveness.clientSent()
         if self._workerRunning:
@@ -235,6 +247,10 @@ class WorkerRelay(Protocol):
         """
         The client sent a FIN: a close or a half-close, which look the same.
         """
+        self._clientFinished = True
+        if self._linger is not None:
+            self._linger.inputDone()
+            return
         if self.factory.config.halfClose == "forward" and self._workerRunning:
             self._liveness.clientFinished()
             self.worker.closeStdin()
@@ -248,10 +264,16 @@ class WorkerRelay(Protocol):
             self.clientGone("client-closed")
 
     def writeConnectionLost(self) -> None:
-        pass
+        """
+        Our FIN is out, after all the worker's output.
+        """
+        if self._linger is not None:
+            self._linger.outputDone()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:
         self._connected = False
+        if self._linger is not None:
+            self._linger.stop()
         self._unwatch()
         self._liveness.stop()
         if self._workerRunning and self.record.goneAt is None:
@@ -343,11 +365,25 @@ class WorkerRelay(Protocol):
         else:
             self.record.reason = "worker-exited"
         self.factory.workerReaped(self)
+        self._liveness.stop()
         self.transport.unregisterProducer()
         if self._connected:
-            self.resumeClient()
-            self.transport.loseConnection()
+            self._closeAfterOutput()
         self._maybeFinished()
+
+    def _closeAfterOutput(self) -> None:
+        """
+        The worker is done: deliver the rest of its output and close, without
+        the reset that unread client input would cause (see L{linger}).
+        """
+        self.resumeClient()
+        if self._clientFinished:
+            self.transport.loseConnection()
+            return
+        self._linger = LingeringClose(
+            self.transport, self.factory.reactor, LINGER_SECONDS, self._probe
+        )
+        self._linger.start()
 
     # The end.
 
@@ -356,7 +392,7 @@ class WorkerRelay(Protocol):
         The client is gone (or must go): kill the worker's group at once and
         drop the connection.  The first reason given is the one recorded.
         """
-        if self.record.goneAt is not None:
+        if self.record.reason is not None:
             return
         self.record.goneAt = time.monotonic()
         self.record.reason = reason
@@ -375,6 +411,10 @@ class WorkerRelay(Protocol):
         if self._connected or self._workerRunning:
             return
         self.factory.connectionEnded(self)
+
+
+def _clientReadSize(readAhead: int) -> int:
+    return max(min(readAhead // 4, 64 * 1024), 1)
 
 
 def _probeSocket(transport: Any) -> socket.socket | None:

@@ -1,0 +1,94 @@
+"""
+Closing a connection without resetting it.
+
+Closing a socket that still has unread input makes the kernel answer with a
+reset instead of a FIN, and a reset throws away whatever output is still
+queued for the client.  So a server that is done talking must send its FIN,
+then read and drop what the client still sends until the client closes too,
+or goes quiet with nothing left unread, or a time limit passes: Apache's
+"lingering close".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import sys
+import termios
+import time
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, ISSLTransport
+
+
+def unread(sock: socket.socket | None) -> int:
+    """
+    Bytes received on C{sock} and not read yet (0 if unknown).
+    """
+    if sock is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
+class LingeringClose:
+    """
+    The lingering close of one connection.  Its protocol must pass on
+    C{dataReceived} (L{inputReceived}), C{writeConnectionLost}
+    (L{outputDone}), C{readConnectionLost} (L{inputDone}) and
+    C{connectionLost} (L{stop}).
+
+    @cvar quiet: seconds without input, after our FIN, that end the linger.
+    """
+
+    quiet = 0.5
+
+    def __init__(
+        self, transport: Any, reactor: Any, limit: float, sock: socket.socket | None = None
+    ) -> None:
+        self._transport = transport
+        self._reactor = reactor
+        self._limit = limit
+        self._sock = sock
+        self._lastInput = time.monotonic()
+        self._calls: list[IDelayedCall] = []
+
+    def start(self) -> None:
+        """
+        Send a FIN after the output still buffered.  Twisted's TLS layer
+        would pass C{loseWriteConnection} to the TCP transport under it (a
+        bare FIN behind its back), so TLS connections are closed outright.
+        """
+        loseWriteConnection = getattr(self._transport, "loseWriteConnection", None)
+        if loseWriteConnection is None or ISSLTransport.providedBy(self._transport):
+            self._transport.loseConnection()
+            return
+        loseWriteConnection()
+        self._calls.append(self._reactor.callLater(self._limit, self._transport.loseConnection))
+
+    def inputReceived(self) -> None:
+        self._lastInput = time.monotonic()
+
+    def inputDone(self) -> None:
+        self._transport.loseConnection()
+
+    def outputDone(self) -> None:
+        self._checkQuiet()
+
+    def _checkQuiet(self) -> None:
+        quietFor = time.monotonic() - self._lastInput
+        if quietFor >= self.quiet and unread(self._sock) == 0:
+            self._transport.loseConnection()
+            return
+        self._calls.append(
+            self._reactor.callLater(max(self.quiet - quietFor, 0.05), self._checkQuiet)
+        )
+
+    def stop(self) -> None:
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
