@@ -252,6 +252,8 @@ class LifetimeAndGraceTests(TestCase):
         self.assertEqual(end["reason"], "max-lifetime")
         self.assertGreaterEqual(end["duration"], 0.5)
         self.assertEqual(end["exit_signal"], signal.SIGKILL)
+        # The client is told with a FIN, not a reset (which would raise).
+        self.assertEqual(readAll(sock), b"")
         sock.close()
 
     def test_graceEndsInSIGKILL(self) -> None:

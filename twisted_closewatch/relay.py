@@ -36,6 +36,10 @@ log = Logger()
 #: How long a connection whose worker has exited waits, its output sent,
 #: for the client to close its side too.
 LINGER_SECONDS = 30.0
+#: Ends after which the client still gets what was sent to it, then a FIN.
+#: After the others it is dead or not worth waiting for (a stopping server
+#: must not wait on a client that does not read): it gets a reset.
+_CLOSE_GRACEFULLY = frozenset({"client-closed", "max-lifetime"})
 #: Longest stderr line logged as one event; longer lines are cut.
 STDERR_LINE_MAX = 4096
 #: Stderr lines logged per connection per second; the rest are counted.
@@ -402,7 +406,7 @@ class WorkerRelay(Protocol):
                 self.worker.loseConnection()
         if self._connected:
             self._unwatch()
-            if reason == "client-closed":
+            if reason in _CLOSE_GRACEFULLY:
                 self.transport.loseConnection()
             else:
                 self.transport.abortConnection()
