@@ -15,12 +15,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_closewatch.linger import LingeringClose
 
 #: Seconds a refused client gets to close after reading the busy message
-#: before its connection is aborted.
+#: before its connection is closed anyway.
 REFUSAL_LINGER = 2.0
 
 
@@ -118,17 +121,15 @@ class Limits:
                 del self._perPeer[slot.peer]
 
 
+@implementer(IHalfCloseableProtocol)
 class Refusal(Protocol):
     """
-    What a refused client gets: the busy message, then a close.
-
-    The close is a half-close where the transport allows it, and what the
-    client sends meanwhile is read and dropped: closing a socket with unread
-    data makes the kernel send a reset, which can destroy the busy message
-    before the client has read it.
+    What a refused client gets: the busy message, then a lingering close
+    (L{LingeringClose}), so that the kernel does not reset the connection
+    over the client's unread input and destroy the message with it.
     """
 
-    _linger: IDelayedCall | None = None
+    _linger: LingeringClose
 
     def __init__(self, message: bytes, reactor: Any) -> None:
         self._message = message
@@ -137,20 +138,17 @@ class Refusal(Protocol):
     def connectionMade(self) -> None:
         if self._message:
             self.transport.write(self._message)
-        # Twisted's TLS layer would pass loseWriteConnection to the TCP
-        # transport under it: a bare FIN behind the TLS layer's back.
-        loseWriteConnection = getattr(self.transport, "loseWriteConnection", None)
-        if loseWriteConnection is None or ISSLTransport.providedBy(self.transport):
-            self.transport.loseConnection()
-            return
-        loseWriteConnection()
-        self._linger = self._reactor.callLater(REFUSAL_LINGER, self.transport.abortConnection)
+        self._linger = LingeringClose(self.transport, self._reactor, REFUSAL_LINGER)
+        self._linger.start()
 
     def dataReceived(self, data: bytes) -> None:
-        pass
+        self._linger.inputReceived()
+
+    def readConnectionLost(self) -> None:
+        self._linger.inputDone()
+
+    def writeConnectionLost(self) -> None:
+        self._linger.outputDone()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
-        self._linger = None
-
+        self._linger.stop()
