@@ -344,6 +344,13 @@ def stopServer(server: Server) -> None:
 
 
 def cleanup() -> None:
+    # A second Ctrl-C (or timeout(1) passing its signal on) must not cut
+    # the clean-up short.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass
     WORKERS.killall()
     for server in list(SERVERS):
         try:
@@ -682,6 +689,7 @@ def killCell(server: Server, scenario: str, n: int, trials: int) -> dict:
     failed = 0
     pstats: list[dict] = []
     survivorStates: dict[str, int] = {}
+    closeCpuUs = None
     setupS = 0.0
     try:
         if n == 1:
@@ -711,10 +719,15 @@ def killCell(server: Server, scenario: str, n: int, trials: int) -> dict:
             setupS = time.perf_counter() - t0
             for c in conns:
                 tracker.add(c)
+            cpu0 = _settledCpu(server.pid)
             for c in conns:
                 _act(c, scenario)
                 tracker.poll(0)
         tracker.drain(SURVIVE_S)
+        if n > 1 and conns:
+            # The server's own CPU for the whole teardown of these
+            # connections: the n-th close waits for about n times this.
+            closeCpuUs = (_settledCpu(server.pid) - cpu0) * 1e6 / len(conns)
         # Did the survivors' FIN reach the server at all?  CLOSE_WAIT: it
         # did, and the server did not act on it; ESTABLISHED: it did not.
         survivors = {c.lport for c in conns if c.survived}
@@ -749,6 +762,7 @@ def killCell(server: Server, scenario: str, n: int, trials: int) -> dict:
         "backlog_bytes_p50": median([p["backlog_p50"] for p in pstats]) if pstats else None,
         "backlog_bytes_max": max((p["backlog_max"] for p in pstats), default=None),
         "survivor_server_states": survivorStates,
+        "server_cpu_us_per_close": closeCpuUs,
         "setup_s": round(setupS, 3),
         "samples_ms": [round(x, 4) for x in lat],
     }
@@ -761,6 +775,7 @@ def killCell(server: Server, scenario: str, n: int, trials: int) -> dict:
 def connRate(server: Server, count: int) -> dict:
     lat = []
     failed = 0
+    cpu0 = _settledCpu(server.pid)
     t0 = time.perf_counter()
     deadline = time.monotonic() + max(60.0, count * 0.05)
     for _ in range(count):
@@ -778,8 +793,12 @@ def connRate(server: Server, count: int) -> dict:
         s.close()
         lat.append(dt * 1000)
     elapsed = time.perf_counter() - t0
+    cpu = _settledCpu(server.pid) - cpu0
     WORKERS.killall(grace=1.0)
     return {
+        # main process only: socat's and tcpserver's per-connection work is
+        # mostly in their forked children, closewatch's all in this process
+        "server_cpu_us_per_conn": cpu * 1e6 / len(lat) if lat else None,
         "connections": len(lat),
         "failed": failed,
         "conn_per_s": len(lat) / elapsed if elapsed else None,
@@ -914,6 +933,19 @@ def _cpuSeconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / _CLK
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def _settledCpu(pid: int, timeout: float = 3.0) -> float:
+    """The server's CPU time once it stopped growing (the server is idle)."""
+    end = time.monotonic() + timeout
+    last = _cpuSeconds(pid)
+    while time.monotonic() < end:
+        time.sleep(0.1)
+        now = _cpuSeconds(pid)
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def _children(pid: int) -> list[int]:
@@ -1066,6 +1098,7 @@ def summarizeKill(reps: list[dict]) -> dict:
         "failed": sum(r["failed"] for r in reps),
         "p50_ms": median([r["p50_ms"] for r in reps]),
         "p99_ms": median([r["p99_ms"] for r in reps]),
+        "server_cpu_us_per_close": median([r.get("server_cpu_us_per_close") for r in reps]),
         "worst_p99_ms": max((r["p99_ms"] for r in reps if r["p99_ms"] is not None), default=None),
         "paused_verified": (
             sum(r["paused_verified"] for r in reps)
@@ -1155,6 +1188,15 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
                     row.append("–")
             lines.append("| " + " | ".join(row) + " |")
 
+    nmaxK = max(res["config"]["concurrency"])
+    row = [f"server main-process CPU us per close, {nmaxK} conns (FIN/RST/half/paused)"]
+    for srv in servers:
+        vals = [kill.get(srv, {}).get(f"{sc}@{nmaxK}", {}).get("summary", {}).get("server_cpu_us_per_close")
+                for sc in SCENARIOS]
+        row.append("/".join(fmt(v, 0) for v in vals) if any(v is not None for v in vals) else "–")
+    row += ["–"] * len(peers)
+    lines.append("| " + " | ".join(row) + " |")
+
     def simpleRow(title, getter, nd=2, higher=True):
         row = [title]
         vals = {srv: getter(srv) for srv in servers}
@@ -1164,6 +1206,8 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
 
     rate = res["rate"]
     simpleRow("conn/s (sequential connect, PID line, close)", lambda s: rate.get(s, {}).get("conn_per_s"), 0)
+    simpleRow("server main-process CPU us per connection, rate test",
+              lambda s: rate.get(s, {}).get("server_cpu_us_per_conn"), 0)
     simpleRow("spawn p50 ms (connect -> first byte), rate test", lambda s: rate.get(s, {}).get("spawn_p50_ms"))
     sp = res["spawn"]
     bg = res["config"]["background"]
@@ -1410,6 +1454,8 @@ def main() -> int:
                                 + (f" paused {r['paused_verified']}/{r['connections']}"
                                    if r["paused_verified"] is not None else "")
                                 + (f" failed {r['failed']}" if r["failed"] else "")
+                                + (f" server CPU {r['server_cpu_us_per_close']:.0f} us/close"
+                                   if r.get("server_cpu_us_per_close") is not None else "")
                                 + f" (setup {r['setup_s']} s)")
                             time.sleep(0.2)
             for name, cells in res["kill"].items():
@@ -1423,11 +1469,13 @@ def main() -> int:
                     r = connRate(running[name], cfg["rate_count"])
                     res["rate"].setdefault(name, {"reps": []})["reps"].append(r)
                     log(f"rate rep {rep} {name:10s}: {fmt(r['conn_per_s'], 0)} conn/s, "
+                        f"server CPU {fmt(r['server_cpu_us_per_conn'], 0)} us/conn, "
                         f"spawn p50 {fmt(r['spawn_p50_ms'], 3)} ms")
                     time.sleep(0.3)
             for name, d in res["rate"].items():
                 d["conn_per_s"] = median([r["conn_per_s"] for r in d["reps"]])
                 d["spawn_p50_ms"] = median([r["spawn_p50_ms"] for r in d["reps"]])
+                d["server_cpu_us_per_conn"] = median([r["server_cpu_us_per_conn"] for r in d["reps"]])
             log(f"rate done at {time.monotonic() - started:.0f} s")
 
         if "spawn" in only:
