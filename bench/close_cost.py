@@ -91,7 +91,9 @@ def main() -> int:
                     help="instead: N sequential connect/PID/close, server CPU per connection")
     ap.add_argument("--background", type=int, default=0,
                     help="with --rate: live connections held open meanwhile")
+    ap.add_argument("--root", default=str(b.ROOT), help="closewatch tree (as closewatch_bench.py)")
     args = ap.parse_args()
+    b.ROOT = Path(args.root).resolve()
     b.raiseFdLimit(65536)
     logdir = Path(tempfile.mkdtemp(prefix="closewatch-cost-"))
     b.EXTRA_CLOSEWATCH_OPTIONS[:] = b.closewatchOptions(args.server_python, args.n + args.background + 1000)
