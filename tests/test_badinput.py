@@ -785,3 +785,48 @@ class BrokenPipeTests(ServerTestCase):
         )
         self.assertServing(server, b"bye\n", b"x")
         self.assertNoFailures(server)
+
+
+class WorkerReadingTests(TestCase):
+    """
+    The relay's flow control never revives a worker pipe that is being
+    closed: the soak once caught a client transport resuming a stdout the
+    relay was closing (its killed worker reaped), which ended the pipe twice
+    (a C{KeyError} in Twisted's C{childConnectionLost}, logged as an
+    unhandled error).
+    """
+
+    class Pipe:
+        def __init__(self, disconnecting: bool) -> None:
+            self.disconnecting = disconnecting
+            self.reading = False
+
+        def startReading(self) -> None:
+            self.reading = True
+
+        def stopReading(self) -> None:
+            self.reading = False
+
+    class Worker:
+        def __init__(self, pipes: dict) -> None:
+            self.pipes = pipes
+
+    def test_resumeLeavesClosingPipeAlone(self) -> None:
+        from twisted_closewatch.relay import _WorkerReading
+
+        closing = self.Pipe(disconnecting=True)
+        reading = _WorkerReading(self.Worker({1: closing}))
+        reading.resumeProducing()
+        reading.stopProducing()
+        self.assertFalse(closing.reading)
+
+    def test_resumeOpenPipe(self) -> None:
+        from twisted_closewatch.relay import _WorkerReading
+
+        pipe = self.Pipe(disconnecting=False)
+        reading = _WorkerReading(self.Worker({1: pipe}))
+        reading.pauseProducing()
+        self.assertFalse(pipe.reading)
+        reading.resumeProducing()
+        self.assertTrue(pipe.reading)
+        _WorkerReading(self.Worker({})).resumeProducing()

@@ -148,7 +148,9 @@ class _WorkerReading:
 
     def resumeProducing(self) -> None:
         stdout = self._worker.pipes.get(1)
-        if stdout is not None:
+        # Not a pipe being closed (see WorkerRelay.workerExited): reading it
+        # again could end it twice.
+        if stdout is not None and not stdout.disconnecting:
             stdout.startReading()
 
     def stopProducing(self) -> None:
