@@ -68,7 +68,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
@@ -80,7 +80,7 @@ IO_TIMEOUT = 60.0
 
 WORKER = """\
 sleep 100000 </dev/null >/dev/null 2>&1 &
-echo $$
+echo $$ $CLOSEWATCH_CONNECTION_ID
 IFS= read -r mode || exec sleep 100000
 case "$mode" in
   exit) echo bye; exit 3 ;;
@@ -424,11 +424,22 @@ def readLine(sock: socket.socket) -> bytes:
     return data
 
 
-def readPid(sock: socket.socket) -> int:
+class Worker(NamedTuple):
+    """
+    Who a client's worker is: its pid, and the connection id the server
+    gave it (pids are reused during a soak; connection ids are not).
+    """
+
+    pid: int
+    cid: int
+
+
+def readPid(sock: socket.socket) -> Worker:
     line = readLine(sock)
-    if not line.strip().isdigit():
-        raise AssertionError(f"expected a pid line, got {line!r}")
-    return int(line)
+    words = line.split()
+    if len(words) != 2 or not all(w.isdigit() for w in words):
+        raise AssertionError(f"expected a pid and connection id line, got {line!r}")
+    return Worker(int(words[0]), int(words[1]))
 
 
 def readAll(sock: socket.socket) -> tuple[bytes, str]:
@@ -656,6 +667,10 @@ class Report:
                 f"exit {s.get('exitStatus')} |"
             )
         out.append("")
+        out.append("RSS KiB after each phase:")
+        for name, s in self.servers.items():
+            out.append(f"  {name}: " + ", ".join(f"{label} {kib}" for label, kib in s.get("rssTrail", [])))
+        out.append("")
         out.append(f"orphans reaped by the soak (as subreaper): {self.orphansReaped}")
         out.append("result: " + ("PASS" if not self.failures else f"FAIL ({len(self.failures)})"))
         for failure in self.failures[:50]:
@@ -725,7 +740,7 @@ class Soak:
         _opened.sockets = []
         try:
             pid = f(self.servers[server], rng)
-            if isinstance(pid, tuple):
+            if isinstance(pid, tuple) and isinstance(pid[1], str):
                 pid, name = pid
             return Outcome(name, server, pid, None)
         except Exception as e:
@@ -751,6 +766,23 @@ class Soak:
                 self.record(label + outcome.kind, outcome)
                 if (i + 1) % 1000 == 0:
                     self.params.progress(f"  {label or 'mix'}: {i + 1}/{count}")
+
+    def only(self, name: str, count: int, label: str) -> None:
+        """
+        C{count} connections of one kind, all at once.
+        """
+        seeds = [self.rng.randrange(1 << 30) for _ in range(count)]
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            for outcome in pool.map(lambda s: self.run1(name, random.Random(s)), seeds):
+                self.record(label + outcome.kind, outcome)
+
+    def trail(self, label: str) -> None:
+        """
+        The servers' RSS now: a leak grows phase after phase, a high-water
+        mark does not.
+        """
+        for name, server in self.servers.items():
+            self.report.servers[name].setdefault("rssTrail", []).append((label, rssKiB(server.pid)))
 
     def record(self, name: str, outcome: Outcome) -> None:
         outcome.kind = name
@@ -824,7 +856,8 @@ class Soak:
                 server.settle(self.made[name] - connectResets)
             except RuntimeError as e:
                 pids = {int(x) for x in re.findall(r"(\d+): \(", str(e))}
-                known = [(o.kind, o.pid, o.error) for o in self.outcomes if o.pid in pids]
+                known = [(o.kind, o.pid, o.error) for o in self.outcomes
+                         if o.pid is not None and o.pid.pid in pids]
                 errors = collections.Counter(
                     (o.kind, (o.error or "")[:100]) for o in self.outcomes if o.error is not None)
                 raise RuntimeError(f"{e}; their connections: {known or 'none a client saw'}; "
@@ -859,7 +892,8 @@ class Soak:
                     line = readLine(sock)
                 except OSError:
                     line = b""
-                if line.strip().isdigit():
+                words = line.split()
+                if len(words) == 2 and all(w.isdigit() for w in words):
                     served += 1
             extra = connect(server.port)
             try:
@@ -896,21 +930,21 @@ class Soak:
         bootOffset = time.time() - uptime()
         for name, server in self.servers.items():
             server.poll()
-            byPid = {e["pid"]: e for e in server.ends if e.get("pid") is not None}
+            byConnection = {e["connection_id"]: e for e in server.ends}
             for e in server.ends:
                 if e.get("pid") is not None:
-                    reapedAt[e["pid"]] = e["log_time"] - bootOffset
+                    reapedAt[e["pid"]] = max(reapedAt.get(e["pid"], 0.0), e["log_time"] - bootOffset)
             matched = set()
             for o in self.outcomes:
                 if o.server != name or o.pid is None:
                     continue
-                end = byPid.get(o.pid)
+                end = byConnection.get(o.pid.cid)
                 base = _baseKind(o.kind)
                 _, _, reasons, check = KINDS.get(base, (None, None, None, None))
-                if end is None:
-                    report.fail(f"{o.kind}: no end event for worker {o.pid}")
+                if end is None or end.get("pid") != o.pid.pid:
+                    report.fail(f"{o.kind}: no end event for worker {o.pid}: {end}")
                     continue
-                matched.add(o.pid)
+                matched.add(o.pid.cid)
                 if reasons is not None and (end["reason"] not in reasons or not check(end)):
                     report.fail(f"{o.kind}: worker {o.pid} ended {end['reason']}, signal "
                                 f"{end.get('exit_signal')}, code {end.get('exit_code')}")
@@ -921,7 +955,7 @@ class Soak:
             # Ends no client saw a pid for: connect-then-reset (some are
             # reset before they are accepted, and never end), spawn failures
             # (every one must end, as spawn-failed).
-            unmatched = [e for e in server.ends if e.get("pid") not in matched]
+            unmatched = [e for e in server.ends if e["connection_id"] not in matched]
             pidless = [o for o in self.outcomes
                        if o.server == name and o.pid is None and o.error is None]
             allowed = {"spawn-failed"} if name == "spawnfail" else {"client-reset", "client-closed"}
@@ -993,12 +1027,21 @@ class Soak:
         try:
             p.progress(f"soak: starting servers in {self.workdir} (seed {self.seed})")
             self.startServers()
+            # The warm-up takes every path to its high-water mark before
+            # the baseline: all kinds, as many paused relays at once as the
+            # mix can have (each holds up to the read-ahead), one burst per
+            # server.  Growth after it is what the soak measures.
             p.progress("soak: warm-up")
-            self.mix(max(50, 2 * len(KINDS) * 4), "warmup-")
+            self.mix(max(200, p.connections // 10), "warmup-")
+            self.settle()
+            self.only("paused-rst", p.concurrency, "warmup-")
+            self.only("paused-fin", p.concurrency, "warmup-")
+            self.settle()
             self.burstOn("kill", "warmup-")
             self.burstOn("forward", "warmup-")
             self.settle()
             self.measure("Baseline")
+            self.trail("baseline")
             warmup = len(self.outcomes)
             chunks = [p.connections // (p.bursts + 1)] * (p.bursts + 1)
             chunks[-1] += p.connections - sum(chunks)
@@ -1006,11 +1049,13 @@ class Soak:
                 p.progress(f"soak: mix {chunk}")
                 self.mix(chunk)
                 self.settle()
+                self.trail(f"mix {i + 1}")
                 if i < p.bursts:
                     server = ("kill", "forward")[i % 2]
                     p.progress(f"soak: burst of {p.burst} on {server}")
                     self.burstOn(server, "")
                     self.settle()
+                    self.trail(f"burst {i + 1}")
             self.report.connections = len(self.outcomes) - warmup
             p.progress("soak: measuring")
             self.measure("After")
