@@ -79,6 +79,7 @@ class CloseWatchFactory(Factory):
         self.config = config
         self.metrics = metrics
         self.relays: set[WorkerRelay] = set()
+        self._serverEnvironment = dict(os.environ)
         self.limits = limits.Limits(config.maxWorkers, config.maxPerPeer)
         self._slots: dict[WorkerRelay, limits.Slot] = {}
         self._lifetimes: dict[WorkerRelay, IDelayedCall] = {}
@@ -128,8 +129,12 @@ class CloseWatchFactory(Factory):
         return relay
 
     def workerEnvironment(self, relay: WorkerRelay) -> Mapping[str, str]:
+        """
+        The server's environment (as it was when the factory was made), the
+        connection's UCSPI variables and id, then C{--env}.
+        """
         transport = relay.transport
-        env = dict(os.environ)
+        env = self._serverEnvironment.copy()
         env.update(ucspiEnvironment(transport.getHost(), transport.getPeer()))
         env["CLOSEWATCH_CONNECTION_ID"] = str(relay.record.connectionID)
         env.update(self.config.env)
@@ -149,6 +154,7 @@ class CloseWatchFactory(Factory):
             self.workerEnvironment(relay),
             self.config.pipeSize,
             self.guardian,
+            self.closeWatch.poll,
         )
         if self.metrics is not None:
             self.metrics.spawned(time.perf_counter() - started)
@@ -189,6 +195,9 @@ class CloseWatchFactory(Factory):
         Both sides of C{relay} are done: log its end, count it, give its
         slot back if its worker did not (it never started), forget it.
         """
+        # Logging is the dearest part of an end: kill whoever else has left
+        # meanwhile first.
+        self.closeWatch.poll()
         self.relays.discard(relay)
         self._slots.pop(relay).release()
         record = relay.record

@@ -201,6 +201,7 @@ class WorkerRelay(Protocol):
     _workerReaped = False
     _clientFinished = False
     _linger: LingeringClose | None = None
+    _workerReading: _WorkerReading | None = None
 
     def __init__(self, factory: CloseWatchFactory, connectionID: int) -> None:
         self.factory = factory
@@ -237,8 +238,13 @@ class WorkerRelay(Protocol):
         self.record.pid = self.worker.pid
         self.worker.pipes[0].bufferSize = self.factory.config.readAhead - readSize
         self.worker.registerProducer(_ClientReading(self), True)
-        transport.registerProducer(_WorkerReading(self.worker), True)
+        self._workerReading = _WorkerReading(self.worker)
+        transport.registerProducer(self._workerReading, True)
         self._liveness.start()
+        if self._probe is not None:
+            self.factory.closeWatch.watch(
+                self._probe.fileno(), self._clientClosed, self._clientDead
+            )
 
     def dataReceived(self, data: bytes) -> None:
         if self._linger is not None:
@@ -258,16 +264,12 @@ class WorkerRelay(Protocol):
             self._linger.inputDone()
             return
         if self.factory.config.halfClose == "forward" and self._workerRunning:
-            self._liveness.clientFinished()
-            self.worker.closeStdin()
             # Twisted reads no more after the FIN: the close watch is what
             # still sees this client die (keepalive, user timeout, RST).
-            if self._probe is not None and not self._paused:
-                self.factory.closeWatch.watch(
-                    self._probe.fileno(), lambda: None, self._halfClosedClientDead
-                )
+            self._liveness.clientFinished()
+            self.worker.closeStdin()
         else:
-            self.clientGone("client-closed")
+            self.clientGone(_finReason(self._probe))
 
     def writeConnectionLost(self) -> None:
         """
@@ -298,24 +300,19 @@ class WorkerRelay(Protocol):
 
     def pauseClient(self) -> None:
         """
-        The worker's stdin is full: stop reading the client, and watch the
-        paused socket for its peer's departure instead.
+        The worker's stdin is full: stop reading the client.  The close
+        watch still sees it go.
         """
         if self._paused or not self._connected:
             return
         self._paused = True
         self._liveness.paused()
         self.transport.pauseProducing()
-        if self._probe is not None:
-            self.factory.closeWatch.watch(
-                self._probe.fileno(), self._pausedClientClosed, self._pausedClientDead
-            )
 
     def resumeClient(self) -> None:
         if not self._paused or not self._connected:
             return
         self._paused = False
-        self._unwatch()
         self._liveness.resumed()
         self.transport.resumeProducing()
 
@@ -323,18 +320,22 @@ class WorkerRelay(Protocol):
         if self._probe is not None:
             self.factory.closeWatch.unwatch(self._probe.fileno())
 
-    def _pausedClientClosed(self) -> None:
-        # Under "forward" the FIN is delivered in order, after the data
-        # queued before it, when reading resumes.
+    def _clientClosed(self) -> None:
+        """
+        The close watch saw a FIN, possibly behind data not read yet.  Under
+        C{forward} it is delivered in order, after that data, by the
+        transport.
+        """
         if self.factory.config.halfClose != "forward":
             self.clientGone("client-closed")
 
-    def _pausedClientDead(self) -> None:
-        self.clientGone(liveness.lossReason(self._probe, self.factory.config))
-
-    def _halfClosedClientDead(self) -> None:
+    def _clientDead(self) -> None:
+        """
+        The close watch saw a reset or a timeout, which the socket's pending
+        error still names (the transport has not read it yet).
+        """
         if self._workerRunning:
-            self._pausedClientDead()
+            self.clientGone(liveness.lossReason(self._probe, self.factory.config))
 
     def workerStdinClosed(self) -> None:
         """
@@ -346,6 +347,8 @@ class WorkerRelay(Protocol):
     # Worker side.
 
     def workerOutput(self, data: bytes) -> None:
+        if self.record.goneAt is not None:
+            return
         self.record.bytesOut += len(data)
         self._liveness.clientWritten()
         self.transport.write(data)
@@ -372,7 +375,7 @@ class WorkerRelay(Protocol):
             self.record.reason = "worker-exited"
         self.factory.workerReaped(self)
         self._liveness.stop()
-        self.transport.unregisterProducer()
+        self._detachWorkerOutput()
         if self._connected:
             self._closeAfterOutput()
         self._maybeFinished()
@@ -408,15 +411,45 @@ class WorkerRelay(Protocol):
                 self.worker.loseConnection()
         if self._connected:
             self._unwatch()
+            self._detachWorkerOutput()
             if reason in _CLOSE_GRACEFULLY:
                 self.transport.loseConnection()
             else:
                 self.transport.abortConnection()
 
+    def _detachWorkerOutput(self) -> None:
+        """
+        The worker's output is no longer paced by the client: unregister it
+        (before the transport starts closing: Twisted's TLS layer fails on an
+        unregistration after that) and read the rest, so that the worker's
+        end is seen; after the client is gone, the rest is dropped.
+        """
+        if self._workerReading is not None:
+            self.transport.unregisterProducer()
+            self._workerReading.resumeProducing()
+            self._workerReading = None
+
     def _maybeFinished(self) -> None:
         if self._connected or self._workerRunning:
             return
         self.factory.connectionEnded(self)
+
+
+def _finReason(probe: socket.socket | None) -> str:
+    """
+    Why Twisted reported the end of the client's input: C{client-closed}
+    for a FIN, C{client-reset} if an RST's error is pending on the socket.
+    Twisted's epoll reactor takes an error event without readable data for
+    a clean end of input, and Linux shows an arriving RST that way for a
+    moment (the soak sees it about once in a thousand resets).
+    """
+    if probe is not None:
+        try:
+            if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) in liveness.RESET_ERRORS:
+                return "client-reset"
+        except OSError:
+            pass
+    return "client-closed"
 
 
 def _clientReadSize(readAhead: int) -> int:

@@ -23,7 +23,7 @@ import errno
 import fcntl
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import process
@@ -131,6 +131,7 @@ class _WorkerOutput(process.ProcessReader):
                 return None
             return process.CONNECTION_LOST
         if not data:
+            self.proc.beforeTeardown()
             return process.CONNECTION_DONE
         self.dataReceived(data)
         return None
@@ -150,6 +151,7 @@ class _ExitNotifier:
         return self._pidfd
 
     def doRead(self) -> None:
+        self._worker.beforeTeardown()
         self._worker.reapProcess()
 
     def connectionLost(self, reason: object) -> None:
@@ -163,24 +165,11 @@ class _ExitNotifier:
         os.close(self._pidfd)
 
 
-def _ignoredSignals() -> list[int]:
-    """
-    Signals ignored in this process: an ignored disposition survives exec,
-    and Python ignores SIGPIPE, which a worker must not inherit.
-    """
-    return [
-        s
-        for s in range(1, signal.NSIG)
-        if s not in (signal.SIGKILL, signal.SIGSTOP)
-        and _safeGetSignal(s) == signal.SIG_IGN
-    ]
-
-
-def _safeGetSignal(signum: int) -> Any:
-    try:
-        return signal.getsignal(signum)
-    except ValueError:
-        return None
+#: Every signal a worker starts with at its default disposition.  An ignored
+#: disposition survives exec (Python ignores SIGPIPE, which a worker must
+#: not inherit); resetting them all is as cheap as finding the ignored ones,
+#: and stays right if the server's dispositions change.
+_DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
 class WorkerProcess(process.Process):
@@ -204,8 +193,10 @@ class WorkerProcess(process.Process):
         proto: IProcessProtocol,
         pipeSize: int = PIPE_SIZE,
         guardian: Guardian | None = None,
+        beforeTeardown: Callable[[], None] = lambda: None,
     ) -> None:
         self._guardian = guardian
+        self.beforeTeardown = beforeTeardown
         super().__init__(reactor, executable, list(args), dict(environment), None, proto)
         for pipe in self.pipes.values():
             _resizePipe(pipe.fileno(), pipeSize)
@@ -231,7 +222,7 @@ class WorkerProcess(process.Process):
                 (os.POSIX_SPAWN_DUP2, parentFD, childFD)
                 for childFD, parentFD in sorted(fdmap.items())
             ],
-            setsigdef=_ignoredSignals(),
+            setsigdef=_DEFAULT_SIGNALS,
             setsid=True,
         )
         # At once: a server killed from here on still takes the worker along.
@@ -312,12 +303,18 @@ def spawnWorker(
     environment: Mapping[str, str],
     pipeSize: int = PIPE_SIZE,
     guardian: Guardian | None = None,
+    beforeTeardown: Callable[[], None] = lambda: None,
 ) -> WorkerProcess:
     """
     Start C{argv} (C{argv[0]} an absolute path) as a new session leader
     connected to C{protocol}, registered with C{guardian} if given.
+    C{beforeTeardown} is called before the work of the worker's exit (its
+    pipes' ends, its reaping) is done, so that a server can first act on
+    what is more urgent.
 
     @raise OSError: the worker could not be started (missing executable,
         out of descriptors or processes).
     """
-    return WorkerProcess(reactor, argv[0], argv, environment, protocol, pipeSize, guardian)
+    return WorkerProcess(
+        reactor, argv[0], argv, environment, protocol, pipeSize, guardian, beforeTeardown
+    )
