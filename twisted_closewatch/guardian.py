@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_closewatch import guardianprocess
+from twisted_closewatch.spawn import PIPE_SIZE, resizePipe
 
 log = Logger()
 
@@ -99,6 +100,9 @@ class Guardian:
         finally:
             os.close(readEnd)
         os.set_blocking(writeEnd, False)
+        # Room for a second of messages, which the guardian drains once a
+        # second (see guardianprocess.DRAIN_INTERVAL_MS).
+        resizePipe(writeEnd, PIPE_SIZE)
         self._fd = writeEnd
         self._pending = b""
         self._send(b"".join(b"+%d\n" % pgid for pgid in sorted(self._groups)))

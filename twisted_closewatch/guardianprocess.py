@@ -10,8 +10,16 @@ starts in milliseconds and costs a few MB.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
+
+
+#: Seconds between two reads of the server's messages.  The guardian is
+#: not woken by each message (a wake-up per spawn would cost the server
+#: more than the spawn's own write); it sleeps until the pipe hangs up and
+#: drains it this often so that it never fills.
+DRAIN_INTERVAL_MS = 1000
 
 
 def _readMessages(fd: int) -> set[int]:
@@ -21,18 +29,29 @@ def _readMessages(fd: int) -> set[int]:
     """
     groups: set[int] = set()
     partial = b""
+    poller = select.poll()
+    # No POLLIN: data does not wake us, only the server's end (POLLHUP).
+    poller.register(fd, 0)
+    os.set_blocking(fd, False)
     while True:
-        data = os.read(fd, 65536)
-        if not data:
+        hungUp = bool(poller.poll(DRAIN_INTERVAL_MS))
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                return groups
+            lines = (partial + data).split(b"\n")
+            partial = lines.pop()
+            for line in lines:
+                pgid = int(line[1:])
+                if line.startswith(b"+"):
+                    groups.add(pgid)
+                else:
+                    groups.discard(pgid)
+        if hungUp:
             return groups
-        lines = (partial + data).split(b"\n")
-        partial = lines.pop()
-        for line in lines:
-            pgid = int(line[1:])
-            if line.startswith(b"+"):
-                groups.add(pgid)
-            else:
-                groups.discard(pgid)
 
 
 def main() -> None:

@@ -107,7 +107,7 @@ def raiseFileLimit() -> int:
     return hard
 
 
-def _resizePipe(fd: int, size: int) -> None:
+def resizePipe(fd: int, size: int) -> None:
     if _F_SETPIPE_SZ is None or size <= 0:
         return
     try:
@@ -199,7 +199,7 @@ class WorkerProcess(process.Process):
         self.beforeTeardown = beforeTeardown
         super().__init__(reactor, executable, list(args), dict(environment), None, proto)
         for pipe in self.pipes.values():
-            _resizePipe(pipe.fileno(), pipeSize)
+            resizePipe(pipe.fileno(), pipeSize)
         if self.pid is not None:
             self._watchExit(reactor)
 
