@@ -4,7 +4,8 @@ closewatch soak: many connections ended every way there is, then a count of
 everything that could have leaked.
 
     python bench/soak.py [--connections 10000] [--burst 1000] [--bursts 3]
-                         [--concurrency 16] [--seed N] [--json FILE]
+                         [--concurrency 16] [--warmup-rounds 2] [--seed N]
+                         [--json FILE]
 
 Starts three servers of this checkout on loopback (twistd -n closewatch,
 JSON logs to a temporary directory), each with --max-per-peer BURST,
@@ -27,9 +28,11 @@ whole answer must arrive), RST under forward, worker exits first, FIN and
 RST while the relay is paused by a worker that does not read, spawn
 failure, and connect-then-reset at once; between them BURSTS bursts of
 BURST concurrent connections (all open, every pid line read, then all
-dropped or half-closed at once).  Before the baseline each server gets a
-warm-up (every kind, and one burst), so that one-off allocations (the close
-watch's epoll, the allocator's high-water mark) are not counted as growth.
+dropped or half-closed at once).  Before the baseline each server gets
+WARMUP_ROUNDS warm-up rounds (a tenth of the mix, as many paused relays at
+once as the mix can have, a burst per server), so that one-off allocations
+(the close watch's epoll, the allocator's high-water marks) are not counted
+as growth; the RSS after every phase is printed, to show it levels off.
 
 Afterwards, for each server: open descriptors back to the baseline
 (/proc/PID/fd), no zombie child, no live process left in any worker's
@@ -333,7 +336,7 @@ class Server:
         with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
             sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
             data = b""
-            while chunk := sock.recv(65536):
+            while (chunk := sock.recv(65536)) and len(data) < 16 * MiB:
                 data += chunk
         values = {}
         for line in data.partition(b"\r\n\r\n")[2].decode().splitlines():
@@ -442,8 +445,9 @@ def readPid(sock: socket.socket) -> Worker:
     return Worker(int(words[0]), int(words[1]))
 
 
-def readAll(sock: socket.socket) -> tuple[bytes, str]:
+def readAll(sock: socket.socket, limit: int = 16 * MiB) -> tuple[bytes, str]:
     chunks = []
+    total = 0
     while True:
         try:
             chunk = sock.recv(65536)
@@ -452,6 +456,9 @@ def readAll(sock: socket.socket) -> tuple[bytes, str]:
         if not chunk:
             return b"".join(chunks), "eof"
         chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise AssertionError(f"more than {limit} bytes where a short answer was due")
 
 
 def rst(sock: socket.socket) -> None:
@@ -609,6 +616,8 @@ class Params:
     bursts: int = 3
     concurrency: int = 16
     seed: int | None = None
+    #: Warm-up rounds (mix and bursts) before the baseline.
+    warmupRounds: int = 2
     rssLimitKiB: int = 5 * 1024
     python: str = sys.executable
     progress: Callable[[str], None] = lambda message: None
@@ -635,6 +644,7 @@ class Report:
             f"({self.connections / max(self.seconds, 1e-9):.0f}/s), "
             f"mix {self.params['connections']}, {self.params['bursts']} bursts of "
             f"{self.params['burst']}, concurrency {self.params['concurrency']}, "
+            f"{self.params['warmupRounds']} warm-up rounds, "
             f"seed {self.params['seed']}, load average {os.getloadavg()[0]:.1f}"
         )
         out.append("")
@@ -702,6 +712,7 @@ class Soak:
         self.report = Report(params={
             "connections": params.connections, "burst": params.burst,
             "bursts": params.bursts, "concurrency": params.concurrency, "seed": seed,
+            "warmupRounds": params.warmupRounds,
         })
         self.outcomes: list[Outcome] = []
         self.made: collections.Counter[str] = collections.Counter()
@@ -1029,17 +1040,20 @@ class Soak:
             self.startServers()
             # The warm-up takes every path to its high-water mark before
             # the baseline: all kinds, as many paused relays at once as the
-            # mix can have (each holds up to the read-ahead), one burst per
-            # server.  Growth after it is what the soak measures.
-            p.progress("soak: warm-up")
-            self.mix(max(200, p.connections // 10), "warmup-")
-            self.settle()
-            self.only("paused-rst", p.concurrency, "warmup-")
-            self.only("paused-fin", p.concurrency, "warmup-")
-            self.settle()
-            self.burstOn("kill", "warmup-")
-            self.burstOn("forward", "warmup-")
-            self.settle()
+            # mix can have (each holds up to the read-ahead), bursts on a
+            # heap the mix has fragmented.  Growth after it is what the soak
+            # measures (and the RSS after each phase shows whether it
+            # levels off).
+            for round in range(p.warmupRounds):
+                p.progress(f"soak: warm-up {round + 1}")
+                self.mix(max(200, p.connections // 10), "warmup-")
+                self.settle()
+                self.only("paused-rst", p.concurrency, "warmup-")
+                self.only("paused-fin", p.concurrency, "warmup-")
+                self.settle()
+                self.burstOn("kill", "warmup-")
+                self.burstOn("forward", "warmup-")
+                self.settle()
             self.measure("Baseline")
             self.trail("baseline")
             warmup = len(self.outcomes)
@@ -1128,12 +1142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bursts", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--warmup-rounds", type=int, default=2)
     parser.add_argument("--server-python", default=sys.executable)
     parser.add_argument("--json", help="write the report as JSON to this file")
     args = parser.parse_args(argv)
     report = soak(Params(
         connections=args.connections, burst=args.burst, bursts=args.bursts,
         concurrency=args.concurrency, seed=args.seed, python=args.server_python,
+        warmupRounds=args.warmup_rounds,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
     ))
     print(report.table())

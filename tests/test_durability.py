@@ -48,6 +48,8 @@ class Client:
             if not chunk:
                 raise AssertionError(f"connection closed, {self.buffer[:100]!r} pending")
             self.buffer += chunk
+            if len(self.buffer) > 1024 * 1024:
+                raise AssertionError("a reply line longer than 1 MiB")
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line
 

@@ -38,7 +38,13 @@ class SoakTests(TestCase):
     def test_soak(self) -> None:
         soak = loadSoak()
         report = soak.soak(
-            soak.Params(connections=self.CONNECTIONS, burst=self.BURST, bursts=1, concurrency=12)
+            soak.Params(
+                connections=self.CONNECTIONS,
+                burst=self.BURST,
+                bursts=1,
+                concurrency=12,
+                warmupRounds=1,
+            )
         )
         table = report.table()
         print(table)
