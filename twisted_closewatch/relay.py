@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import attr
 from twisted.internet import error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -324,10 +324,14 @@ class WorkerRelay(Protocol):
         """
         The close watch saw a FIN, possibly behind data not read yet.  Under
         C{forward} it is delivered in order, after that data, by the
-        transport.
+        transport.  Under TLS, a transport that is reading is left to tell a
+        clean close (close_notify) from a truncation.
         """
-        if self.factory.config.halfClose != "forward":
-            self.clientGone("client-closed")
+        if self.factory.config.halfClose == "forward":
+            return
+        if ISSLTransport.providedBy(self.transport) and not self._paused:
+            return
+        self.clientGone("client-closed")
 
     def _clientDead(self) -> None:
         """
