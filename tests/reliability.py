@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from tests.support import children, wait
 
@@ -62,13 +62,6 @@ def allProcesses() -> list[ProcStat]:
             if stat is not None:
                 stats.append(stat)
     return stats
-
-
-def uptime() -> float:
-    """
-    Seconds since boot, on the clock C{/proc/PID/stat} start times use.
-    """
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def groupMembers(pgids: Iterable[int], notAfter: dict[int, float] | None = None) -> list[ProcStat]:
@@ -250,47 +243,6 @@ def readUntilClosed(sock: socket.socket, timeout: float = 10.0, limit: int = 1 <
         total += len(chunk)
         if total > limit:
             raise AssertionError("more data than expected")
-
-
-def httpGet(port: int, path: str, timeout: float = 10.0) -> str:
-    """
-    A minimal HTTP/1.0 GET on loopback; the body.
-    """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        data, _ = readUntilClosed(sock, timeout)
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.") or b" 200 " not in head.split(b"\r\n")[0]:
-        raise AssertionError(f"bad HTTP response: {head[:200]!r}")
-    return body.decode("utf-8")
-
-
-def metricValues(text: str) -> dict[str, float]:
-    """
-    Prometheus text format: C{name{labels}} -> value.
-    """
-    values = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        values[name] = float(value)
-    return values
-
-
-def serverPorts(server: Any) -> dict[str, int]:
-    """
-    The ports a L{tests.support.Server} listens on, by factory class name
-    (C{CloseWatchFactory}, C{_ScrapeSite} for the metrics endpoint).
-    """
-    import re
-
-    ports = {}
-    for event in server.events():
-        match = re.match(r"(\w+) starting on (\d+)$", event.get("log_text", ""))
-        if match:
-            ports.setdefault(match.group(1), int(match.group(2)))
-    return ports
 
 
 def killQuietly(pids: Iterable[int]) -> None:

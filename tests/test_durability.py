@@ -15,13 +15,11 @@ import os
 import random
 import socket
 import sqlite3
-import threading
 import time
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from tests import reliability
 from tests.support import Server, reset, wait, workers
 
 #: Rows of one long INSERT: long enough (tens of milliseconds) for a client

@@ -26,7 +26,6 @@ C{CLOSEWATCH_STATEFUL_STEPS} make a larger run (see C{bench/stateful.py}).
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import time
