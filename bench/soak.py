@@ -73,6 +73,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.reliability import readUntilClosed  # noqa: E402
+from tests.support import readLine, rssKiB  # noqa: E402
+
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 MiB = 1024 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -164,14 +169,6 @@ def fdTargets(pid: int) -> dict[int, str]:
         except OSError:
             pass
     return targets
-
-
-def rssKiB(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return -1
 
 
 def uptime() -> float:
@@ -414,18 +411,6 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def readLine(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > 4096:
-            raise AssertionError(f"line too long: {data[:80]!r}")
-    return data
-
-
 class Worker(NamedTuple):
     """
     Who a client's worker is: its pid, and the connection id the server
@@ -437,27 +422,11 @@ class Worker(NamedTuple):
 
 
 def readPid(sock: socket.socket) -> Worker:
-    line = readLine(sock)
+    line = readLine(sock, IO_TIMEOUT)
     words = line.split()
     if len(words) != 2 or not all(w.isdigit() for w in words):
         raise AssertionError(f"expected a pid and connection id line, got {line!r}")
     return Worker(int(words[0]), int(words[1]))
-
-
-def readAll(sock: socket.socket, limit: int = 16 * MiB) -> tuple[bytes, str]:
-    chunks = []
-    total = 0
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return b"".join(chunks), "reset"
-        if not chunk:
-            return b"".join(chunks), "eof"
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > limit:
-            raise AssertionError(f"more than {limit} bytes where a short answer was due")
 
 
 def rst(sock: socket.socket) -> None:
@@ -520,7 +489,7 @@ def halfCloseKill(s: Server, rng: random.Random) -> int:
     sock = connect(s.port)
     pid = readPid(sock)
     sock.shutdown(socket.SHUT_WR)
-    data, how = readAll(sock)
+    data, how = readUntilClosed(sock, IO_TIMEOUT, 16 * MiB)
     sock.close()
     if (data, how) != (b"", "eof"):
         raise AssertionError(f"after a half-close under kill: {data[:80]!r}, {how}")
@@ -534,7 +503,7 @@ def halfCloseForward(s: Server, rng: random.Random) -> int:
     size = rng.choice((0, 1, rng.randrange(1, 256 * 1024)))
     sock.sendall(b"forward\n" + b"f" * size)
     sock.shutdown(socket.SHUT_WR)
-    data, how = readAll(sock)
+    data, how = readUntilClosed(sock, IO_TIMEOUT, 16 * MiB)
     sock.close()
     if how != "eof" or data.split() != [b"got", str(size).encode()]:
         raise AssertionError(f"forward answer lost: {data[:80]!r} ({how}), sent {size}")
@@ -556,7 +525,7 @@ def workerExits(s: Server, rng: random.Random) -> int:
     sock = connect(s.port)
     pid = readPid(sock)
     sock.sendall(b"exit\n")
-    data, how = readAll(sock)
+    data, how = readUntilClosed(sock, IO_TIMEOUT, 16 * MiB)
     sock.close()
     if (data, how) != (b"bye\n", "eof"):
         raise AssertionError(f"worker's last words lost: {data[:80]!r} ({how})")
@@ -592,7 +561,7 @@ def pausedRst(s: Server, rng: random.Random) -> int:
 @kind("spawn-failure", "spawnfail", 10, {"spawn-failed"}, _never)
 def spawnFailure(s: Server, rng: random.Random) -> None:
     sock = connect(s.port)
-    data, how = readAll(sock)
+    data, how = readUntilClosed(sock, IO_TIMEOUT, 16 * MiB)
     sock.close()
     if data:
         raise AssertionError(f"a worker that cannot start said {data[:80]!r}")
@@ -845,7 +814,7 @@ class Soak:
                 action = actions[i]
                 if action in ("burst-half-close-kill", "burst-half-close-forward"):
                     try:
-                        data, how = readAll(sock)
+                        data, how = readUntilClosed(sock, IO_TIMEOUT, 16 * MiB)
                         expected = b"" if action == "burst-half-close-kill" else b"got 3\n"
                         if (data.replace(b" ", b""), how) != (expected.replace(b" ", b""), "eof"):
                             errors[i] = f"{action}: {data[:40]!r} ({how})"
@@ -899,7 +868,7 @@ class Soak:
                 socks.append(connect(server.port))
             for sock in socks:
                 try:
-                    line = readLine(sock)
+                    line = readLine(sock, IO_TIMEOUT)
                 except OSError:
                     line = b""
                 words = line.split()
@@ -907,7 +876,7 @@ class Soak:
                     served += 1
             extra = connect(server.port)
             try:
-                data, how = readAll(extra)
+                data, how = readUntilClosed(extra, IO_TIMEOUT, 16 * MiB)
             except OSError as e:
                 data, how = b"", str(e)
             extra.close()

@@ -138,14 +138,6 @@ def fdCount(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def rssKiB(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 # Orphans.
 
 

@@ -37,6 +37,7 @@ from tests.support import (
     alive,
     readLine,
     reset,
+    rssKiB,
     runTwistd,
     wait,
     waitGone,
@@ -339,14 +340,14 @@ class SQLWorkerBadInputTests(ServerTestCase):
         sock.sendall(b"SELECT 1;\n")
         self.reply(sock)
         pid = workers(self.server.pid)[0]
-        before = reliability.rssKiB(self.server.pid)
+        before = rssKiB(self.server.pid)
         peak = [before]
         done = threading.Event()
 
         def sample() -> None:
             while not done.wait(0.05):
                 try:
-                    peak[0] = max(peak[0], reliability.rssKiB(self.server.pid))
+                    peak[0] = max(peak[0], rssKiB(self.server.pid))
                 except (OSError, AssertionError):
                     return
 
@@ -448,10 +449,10 @@ class WorkerBehaviourTests(ServerTestCase):
             sock, pid = server.connectWorker()
             socks.append(sock)
             pids.append(pid)
-        before = reliability.rssKiB(server.pid)
+        before = rssKiB(server.pid)
         started = time.monotonic()
         time.sleep(2.5)
-        grown = reliability.rssKiB(server.pid) - before
+        grown = rssKiB(server.pid) - before
         elapsed = time.monotonic() - started
         self.assertLess(grown, 32 * 1024)
         for pid in pids:
