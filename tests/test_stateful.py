@@ -43,8 +43,8 @@ from hypothesis.stateful import (
 from twisted.trial.unittest import TestCase
 
 from tests import reliability
-from tests.reliability import fdCount, groupMembers, rssKiB, waitGroupsGone, zombieChildren
-from tests.support import Server, alive, reset, wait, workers
+from tests.reliability import fdCount, groupMembers, waitGroupsGone, zombieChildren
+from tests.support import Server, alive, reset, rssKiB, wait, workers
 
 EXAMPLES = int(os.environ.get("CLOSEWATCH_STATEFUL_EXAMPLES", 12))
 STEPS = int(os.environ.get("CLOSEWATCH_STATEFUL_STEPS", 14))
