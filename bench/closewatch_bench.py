@@ -618,21 +618,15 @@ def pauseWithBacklog(port: int, conns: list[Conn], step: int = 16 * KiB) -> dict
         target += step
         sendUpTo(todo, target, timeout=5.0)
         waitAcked(todo, 1.0)
-        time.sleep(0.03)
-        queues = tcpQueues(port)
-        for c in todo:
-            rx = queues.get(c.lport, (0, 0))[1]
-            if rx > 0 and last.get(c.lport) == rx:
-                paused.add(c.lport)
-            last[c.lport] = rx
-        # A connection is paused once its queue stopped draining: look again.
-        time.sleep(0.03)
-        queues = tcpQueues(port)
-        for c in todo:
-            rx = queues.get(c.lport, (0, 0))[1]
-            if rx > 0 and last.get(c.lport) == rx:
-                paused.add(c.lport)
-            last[c.lport] = rx
+        # A connection is paused once its queue stopped draining: look twice.
+        for _ in range(2):
+            time.sleep(0.03)
+            queues = tcpQueues(port)
+            for c in todo:
+                rx = queues.get(c.lport, (0, 0))[1]
+                if rx > 0 and last.get(c.lport) == rx:
+                    paused.add(c.lport)
+                last[c.lport] = rx
     notAcked = waitAcked(conns, 2.0)
     wnd = [_sndWnd(c) for c in conns]
     sent = sorted(c.sent for c in conns)
