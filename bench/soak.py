@@ -76,7 +76,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.reliability import readUntilClosed  # noqa: E402
-from tests.support import readLine, rssKiB  # noqa: E402
+from tests.support import children, isGuardian, readLine, rssKiB  # noqa: E402
 
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 MiB = 1024 * 1024
@@ -134,31 +134,6 @@ def procStat(pid: int) -> tuple[str, int, int, float] | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return fields[0], int(fields[1]), int(fields[2]), int(fields[19]) / CLOCK_TICKS
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found.extend(int(p) for p in f.read().split())
-        except OSError:
-            pass
-    return found
-
-
-def isGuardian(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
-    # python -m twisted_closewatch.guardian, or .../twisted_closewatch/guardianprocess.py
-    return b"twisted_closewatch" in cmdline and b"guardian" in cmdline
 
 
 def fdTargets(pid: int) -> dict[int, str]:

@@ -21,7 +21,6 @@ what the relay loop could cost, not what closewatch costs.
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import os
 import select

@@ -155,21 +155,6 @@ def becomeSubreaper(on: bool = True) -> bool:
         return False
 
 
-def _allChildren() -> list[int]:
-    found = []
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                found.extend(int(p) for p in f.read().split())
-        except OSError:
-            pass
-    return found
-
-
 def reapOrphans() -> int:
     """
     Reap zombie children of this process that are orphans adopted as
@@ -179,7 +164,7 @@ def reapOrphans() -> int:
     """
     ours = os.getsid(0)
     reaped = 0
-    for pid in _allChildren():
+    for pid in children(os.getpid()):
         stat = procStat(pid)
         if stat is None or stat.state != "Z" or stat.session == ours:
             continue

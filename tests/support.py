@@ -140,11 +140,21 @@ def openFDs(pid: int) -> list[int]:
 
 
 def children(pid: int) -> list[int]:
+    """
+    The children of C{pid}, whichever of its threads started them.
+    """
+    found: list[int] = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return found
 
 
 def isGuardian(pid: int) -> bool:

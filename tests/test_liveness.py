@@ -24,7 +24,6 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -42,7 +41,6 @@ from tests.support import (
     Server,
     alive,
     pidfdWaitGone,
-    readLine,
     reset,
     runTwistd,
     wait,

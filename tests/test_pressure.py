@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import resource
 import socket
-import threading
 import time
 
 from twisted.trial.unittest import TestCase
