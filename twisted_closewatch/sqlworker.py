@@ -28,28 +28,37 @@ Protocol (bytes, UTF-8):
   reply is written.  A ``BEGIN`` ... ``COMMIT`` that spans several lines is
   honoured.  If input ends inside a transaction, it is rolled back and the
   worker exits 0.
+* A client that stays silent inside a transaction for longer than
+  ``CLOSEWATCH_SQL_IDLE_IN_TRANSACTION_TIMEOUT`` seconds (default 60) holds
+  locks others wait for: its transaction is rolled back, it gets one error
+  object it did not ask for, and the worker exits 1 (PostgreSQL's
+  ``idle_in_transaction_session_timeout``).
 * If the database cannot be opened, the worker writes one error object and
-  exits 1.  If the client goes away (broken pipe), the worker exits 1 quietly.
+  exits 1; a bad security setting is also written, as one line, to stderr
+  (which the server logs).  If the client goes away (broken pipe), the
+  worker exits 1 quietly.
 
 The database is ``CLOSEWATCH_DATABASE`` (default ``closewatch.sqlite3`` in the
 working directory).  It uses WAL mode and ``synchronous=FULL``, and it is
-created on first use with a small ``demo`` table.
+created on first use with a small ``demo`` table.  What a client may do there,
+and the limits it runs under, are L{twisted_closewatch.sqlpolicy}'s.
 """
 
 import json
 import math
 import os
+import select
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any, BinaryIO
+from collections.abc import Mapping
+from typing import Any, BinaryIO, Final
+
+from twisted_closewatch.sqlpolicy import BUSY_TIMEOUT_S, Guard, SettingError, Settings
 
 DEFAULT_DATABASE = "closewatch.sqlite3"
 DEFAULT_MAX_LINE = 1024 * 1024
-BUSY_TIMEOUT_S = 10.0
-_DISCARD_CHUNK = 64 * 1024
-_FETCH_SIZE = 256
+_READ_CHUNK = 64 * 1024
 
 DEMO_ROWS = [
     ("alpha", 1.5),
@@ -60,19 +69,23 @@ DEMO_ROWS = [
 ]
 
 
-def open_database(path: str) -> sqlite3.Connection:
+def open_database(path: str, guard: Guard, max_length: int) -> sqlite3.Connection:
     """Open the shared database in autocommit mode, so transactions stay under the client's control.
 
     Concurrent writers wait up to BUSY_TIMEOUT_S for the lock rather than
-    failing at once.
+    failing at once.  The worker's own set-up runs before the guard is
+    installed; every statement after it is the client's, under the guard.
     """
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    conn = guard.openDatabase(path)
     try:
         conn.text_factory = _decode_text
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        if not guard.settings.readOnly:
+            conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
-        _ensure_demo_table(conn)
+        if not guard.settings.readOnly:
+            _ensure_demo_table(conn)
+        guard.install(conn, max_length)
     except BaseException:
         conn.close()
         raise
@@ -119,30 +132,74 @@ def _ensure_demo_table(conn: sqlite3.Connection) -> None:
         raise
 
 
-def read_lines(stream: BinaryIO, max_length: int) -> Iterator[bytes | None]:
-    """Yield each line with its terminator removed, or None for a line longer than max_length.
 
-    At most max_length + 1 bytes of a line are held at once.  The rest of an
-    over-long line is read in chunks and dropped, so a huge line cannot
-    exhaust memory.
+class IdleTimeout(Exception):
+    """No complete line arrived within the time allowed."""
+
+
+#: What L{LineReader.readLine} returns for a line longer than the limit.
+TOO_LONG: Final = b"\n"
+
+
+class LineReader:
+    """Split the client's bytes into lines, holding at most one line's limit of them.
+
+    It reads the file descriptor itself, so that waiting for a line can have
+    a deadline: a client idle inside a transaction is not waited for forever.
     """
-    while True:
-        line = stream.readline(max_length + 1)
-        if not line:
-            return
-        if line.endswith(b"\n") or len(line) <= max_length:
-            yield line.rstrip(b"\r\n")
+
+    def __init__(self, fd: int, max_length: int) -> None:
+        self._fd = fd
+        self.max_length = max_length
+        self._buffer = bytearray()
+        self._discarding = False
+        self._eof = False
+
+    def readLine(self, timeout: float | None = None) -> bytes | None:
+        """Return the next line without its terminator, L{TOO_LONG}, or None at end of input.
+
+        A line's length counts any ``\\r`` before its ``\\n``.  The rest of an
+        over-long line is dropped as it arrives.  Raise L{IdleTimeout} if no
+        line is complete within timeout seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                return self._finish(line)
+            if self._discarding or len(self._buffer) > self.max_length:
+                self._discarding = True
+                self._buffer.clear()
+            if self._eof:
+                if self._discarding:
+                    self._discarding = False
+                    return TOO_LONG
+                if not self._buffer:
+                    return None
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                return self._finish(line)
+            self._fill(deadline)
+
+    def _finish(self, line: bytes) -> bytes:
+        if self._discarding or len(line) > self.max_length:
+            self._discarding = False
+            return TOO_LONG
+        return line.rstrip(b"\r")
+
+    def _fill(self, deadline: float | None) -> None:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            readable, _, _ = select.select([self._fd], [], [], max(remaining, 0.0))
+            if not readable:
+                raise IdleTimeout()
+        chunk = os.read(self._fd, _READ_CHUNK)
+        if chunk:
+            self._buffer += chunk
         else:
-            _discard_rest_of_line(stream)
-            yield None
-
-
-def _discard_rest_of_line(stream: BinaryIO) -> None:
-    while True:
-        chunk = stream.readline(_DISCARD_CHUNK)
-        if not chunk or chunk.endswith(b"\n"):
-            return
-
+            self._eof = True
 
 def _json_value(value: Any) -> Any:
     """Map the SQLite values that JSON cannot represent to strings."""
@@ -169,21 +226,22 @@ def _write_json(out: BinaryIO, obj: Mapping[str, Any]) -> None:
 
 
 def _write_rows(cursor: sqlite3.Cursor, out: BinaryIO) -> int:
-    """Stream rows to the client as they are produced, so a big result is never held in memory."""
+    """Stream rows to the client one by one, so a big result is never held in memory."""
     count = 0
-    while rows := cursor.fetchmany(_FETCH_SIZE):
-        out.write(b"".join(_encode_row(row) for row in rows))
-        count += len(rows)
+    for row in cursor:
+        out.write(_encode_row(row))
+        count += 1
     return count
 
-
 def execute_line(
-    conn: sqlite3.Connection, line: bytes, out: BinaryIO
+    conn: sqlite3.Connection, guard: Guard, line: bytes, out: BinaryIO
 ) -> dict[str, Any]:
     """Run one statement, stream its rows to out, and return the object that ends the reply.
 
-    Failures become an error object instead of ending the worker, so one bad
-    line does not end the client's session.
+    Failures, refusals by the guard and running out of memory become an
+    error object instead of ending the worker, so one bad line does not end
+    the client's session.  The cursor is closed on every path, so the memory
+    of a statement that failed midway is given back before the next line.
     """
     started = time.perf_counter()
     try:
@@ -192,35 +250,60 @@ def execute_line(
         return {"ok": False, "error": f"statement is not valid UTF-8: {exc}"}
     if not sql.strip():
         return {"ok": True, "rows": 0, "ms": 0.0}
+    guard.startStatement()
+    cursor = conn.cursor()
     try:
-        cursor = conn.execute(sql)
+        cursor.execute(sql)
         if cursor.description is None:
             count = max(cursor.rowcount, 0)
         else:
             count = _write_rows(cursor, out)
-    except (sqlite3.Error, sqlite3.Warning, ValueError) as exc:
-        return {"ok": False, "error": str(exc) or type(exc).__name__}
+    except (sqlite3.Error, sqlite3.Warning, ValueError, MemoryError) as exc:
+        return {"ok": False, "error": guard.explain(exc)}
+    finally:
+        cursor.close()
     elapsed_ms = (time.perf_counter() - started) * 1000.0
     return {"ok": True, "rows": count, "ms": round(elapsed_ms, 3)}
 
 
 def serve(
-    conn: sqlite3.Connection, stdin: BinaryIO, stdout: BinaryIO, max_length: int
-) -> None:
-    """Answer every input line until end of input, then roll back any transaction left open."""
-    for line in read_lines(stdin, max_length):
+    conn: sqlite3.Connection, guard: Guard, reader: LineReader, stdout: BinaryIO
+) -> int:
+    """Answer every input line until end of input, then roll back any transaction left open.
+
+    Return the worker's exit status: 1 when the session was ended for
+    idling inside a transaction, else 0.
+    """
+    idle = guard.settings.idleInTransactionTimeout
+    while True:
+        try:
+            line = reader.readLine(idle if conn.in_transaction else None)
+        except IdleTimeout:
+            conn.rollback()
+            _write_json(
+                stdout,
+                {
+                    "ok": False,
+                    "error": f"idle in a transaction for {idle:g} s:"
+                    " rolled back, session closed",
+                },
+            )
+            stdout.flush()
+            return 1
         if line is None:
+            break
+        if line == TOO_LONG:
             reply: dict[str, Any] = {
                 "ok": False,
-                "error": f"line longer than {max_length} bytes",
+                "error": f"line longer than {reader.max_length} bytes",
             }
         else:
-            reply = execute_line(conn, line, stdout)
+            reply = execute_line(conn, guard, line, stdout)
         _write_json(stdout, reply)
         stdout.flush()
     if conn.in_transaction:
         conn.rollback()
-
+    return 0
 
 def max_line_length(environ: Mapping[str, str]) -> int:
     """Read CLOSEWATCH_SQL_MAX_LINE, rejecting values that would make every line too long."""
@@ -245,20 +328,36 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+def _refuse_start(stdout: BinaryIO, exc: Exception) -> int:
+    _write_json(stdout, {"ok": False, "error": f"worker start-up failed: {exc}"})
+    stdout.flush()
+    return 1
+
+
 def main() -> int:
     stdout = sys.stdout.buffer
     try:
         try:
             max_length = max_line_length(os.environ)
-            conn = open_database(
-                os.environ.get("CLOSEWATCH_DATABASE", DEFAULT_DATABASE)
-            )
-        except (ValueError, sqlite3.Error) as exc:
-            _write_json(stdout, {"ok": False, "error": f"worker start-up failed: {exc}"})
-            stdout.flush()
-            return 1
+            settings = Settings.fromEnvironment(os.environ)
+        except SettingError as exc:
+            sys.stderr.write(f"closewatch sqlworker: {exc}\n")
+            sys.stderr.flush()
+            return _refuse_start(stdout, exc)
+        except ValueError as exc:
+            return _refuse_start(stdout, exc)
+        guard = Guard(settings)
+        guard.limitProcess()
         try:
-            serve(conn, sys.stdin.buffer, stdout, max_length)
+            conn = open_database(
+                os.environ.get("CLOSEWATCH_DATABASE", DEFAULT_DATABASE),
+                guard,
+                max_length,
+            )
+        except sqlite3.Error as exc:
+            return _refuse_start(stdout, exc)
+        try:
+            return serve(conn, guard, LineReader(sys.stdin.fileno(), max_length), stdout)
         finally:
             conn.close()
     except BrokenPipeError:
@@ -266,7 +365,6 @@ def main() -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":
