@@ -130,28 +130,13 @@ REFUSED_TABLES = frozenset({"dbstat", "sqlite_dbpage"})
 
 #: Statement kinds that would open another file (ATTACH; VACUUM attaches its
 #: copy too) or create code-backed tables (virtual tables, whose modules may
-#: open files, and whose shadow tables take crafted bytes).
+#: open files, and whose shadow tables, written directly, feed crafted bytes
+#: to C code: SQLite's DEFENSIVE flag guards those only from Python 3.12).
 _REFUSED_ACTIONS: dict[int, str] = {
     sqlite3.SQLITE_ATTACH: "ATTACH and VACUUM are refused (they open or rewrite files)",
     sqlite3.SQLITE_DETACH: "DETACH is refused",
     sqlite3.SQLITE_CREATE_VTABLE: "CREATE VIRTUAL TABLE is refused",
 }
-
-#: Writing to a table whose name starts with one of these is refused: they
-#: are the shadow tables of existing virtual tables (SQLite's
-#: C{SQLITE_DBCONFIG_DEFENSIVE} does the same where it can be set).
-_WRITE_ACTIONS = frozenset(
-    {
-        sqlite3.SQLITE_INSERT,
-        sqlite3.SQLITE_UPDATE,
-        sqlite3.SQLITE_DELETE,
-        sqlite3.SQLITE_DROP_TABLE,
-        sqlite3.SQLITE_ALTER_TABLE,
-        sqlite3.SQLITE_CREATE_INDEX,
-        sqlite3.SQLITE_CREATE_TRIGGER,
-    }
-)
-
 
 #: How SQLite's messages for a statement the authorizer refused begin (for
 #: a statement, a function, a column read, and inside VACUUM).
@@ -281,20 +266,13 @@ def classifyPragma(name: str, value: str | None) -> str | None:
     return f"PRAGMA {name} is refused"
 
 
-def decide(
-    action: int,
-    arg1: str | None,
-    arg2: str | None,
-    shadowPrefixes: tuple[str, ...] = (),
-) -> str | None:
+def decide(action: int, arg1: str | None, arg2: str | None) -> str | None:
     """
     The authorizer's decision, apart from SQLite.
 
     @param action: the C{SQLITE_*} action code.
     @param arg1: its first argument (a table, pragma or file name).
     @param arg2: its second argument (a column, function name or value).
-    @param shadowPrefixes: lower-case C{name_} prefixes of the database's
-        virtual tables, whose shadow tables a client may not write.
     @return: why the action is refused, or L{None} when it is allowed.
     """
     if action in _REFUSED_ACTIONS:
@@ -305,12 +283,6 @@ def decide(
         return f"function {arg2}() is refused"
     if action == sqlite3.SQLITE_READ and (arg1 or "").lower() in REFUSED_TABLES:
         return f"table {arg1} is refused"
-    if (
-        action in _WRITE_ACTIONS
-        and shadowPrefixes
-        and (arg1 or "").lower().startswith(shadowPrefixes)
-    ):
-        return f"writing to {arg1}, a virtual table's shadow table, is refused"
     return None
 
 
@@ -329,7 +301,6 @@ class Guard:
     ) -> None:
         self.settings = settings
         self._clock = clock
-        self._shadowPrefixes: tuple[str, ...] = ()
         self._refusal: str | None = None
         self._deadline = math.inf
 
@@ -386,13 +357,6 @@ class Guard:
         conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.settings.lengthLimit)
         conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, maxSqlLength)
-        self._shadowPrefixes = tuple(
-            name.lower() + "_"
-            for (name,) in conn.execute(
-                "SELECT name FROM sqlite_schema WHERE type = 'table'"
-                " AND sql LIKE 'CREATE VIRTUAL TABLE%'"
-            )
-        )
         conn.set_authorizer(self.authorize)
         if self.settings.statementTimeout is not None:
             conn.set_progress_handler(self._progress, PROGRESS_STEPS)
@@ -408,7 +372,7 @@ class Guard:
         """
         The C{set_authorizer} callback: L{decide}, remembering the reason.
         """
-        refusal = decide(action, arg1, arg2, self._shadowPrefixes)
+        refusal = decide(action, arg1, arg2)
         if refusal is None:
             return sqlite3.SQLITE_OK
         self._refusal = refusal
