@@ -359,7 +359,7 @@ class Guard:
         conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, maxSqlLength)
         conn.set_authorizer(self.authorize)
         if self.settings.statementTimeout is not None:
-            conn.set_progress_handler(self._progress, PROGRESS_STEPS)
+            conn.set_progress_handler(self.progress, PROGRESS_STEPS)
 
     def authorize(
         self,
@@ -378,7 +378,11 @@ class Guard:
         self._refusal = refusal
         return sqlite3.SQLITE_DENY
 
-    def _progress(self) -> int:
+    def progress(self) -> int:
+        """
+        The progress handler: non-zero (interrupt) once the statement's time
+        is up.
+        """
         return int(self._clock() > self._deadline)
 
     def startStatement(self) -> None:
