@@ -7,6 +7,7 @@ line; a library user builds one directly.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 
 import attr
@@ -43,6 +44,15 @@ class Config:
     @ivar maxPerPeer: live workers per client address at most; 0 is off.
     @ivar maxLifetime: seconds a worker may live; 0 is off.
     @ivar grace: seconds between SIGTERM and SIGKILL; 0 kills at once.
+    @ivar handshakeTimeout: seconds a connection may take over its TLS
+        handshake or its PROXY header.
+    @ivar maxHandshakes: connections in a TLS handshake or before their
+        PROXY header at most; more are closed at once.  0 is off.
+    @ivar allow: the networks clients may connect from; empty allows all
+        but C{deny}.
+    @ivar deny: the networks clients may not connect from (over C{allow}).
+    @ivar maxRatePerPeer: new connections per second per client IP (per
+        /64 for IPv6) at most; 0 is off.
     """
 
     argv: tuple[str, ...] = attr.ib(factory=defaultCommand, converter=tuple)
@@ -65,3 +75,12 @@ class Config:
     maxLifetime: float = 0
     grace: float = 0
     busyMessage: bytes = b""
+    handshakeTimeout: float = 10
+    maxHandshakes: int = 1000
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = attr.ib(
+        default=(), converter=tuple
+    )
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = attr.ib(
+        default=(), converter=tuple
+    )
+    maxRatePerPeer: int = 0

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from twisted_closewatch import limits, spawn
+from twisted_closewatch import access, limits, spawn
 from twisted_closewatch.closewatch import ICloseWatch, makeCloseWatch
 from twisted_closewatch.config import Config
 from twisted_closewatch.relay import WorkerProcessProtocol, WorkerRelay
@@ -59,8 +59,17 @@ class CloseWatchFactory(Factory):
     """
     Spawns a worker for every connection and kills it when the client goes.
 
+    Admission happens in two steps, which the front doors (L{handshake},
+    L{proxy}) call separately and L{buildProtocol} together: L{screen}, the
+    moment the client's address is known (at TCP accept, or once a PROXY
+    header has named it), and L{connectionReady} once the connection is
+    ready for a worker (at once, or once its TLS handshake is done).
+
     @ivar relays: the connections alive now.
-    @ivar limits: the slots admitted connections hold.
+    @ivar limits: the slots admitted connections hold, and the places at
+        the front doors.
+    @ivar access: the address rules and rate limit new clients are screened
+        by.
     @ivar metrics: where accepts, spawns and ends are counted, if anywhere.
     @ivar guardian: what kills the workers if the server dies, if anything
         (L{twisted_closewatch.service.CloseWatchService} sets it).
@@ -80,7 +89,8 @@ class CloseWatchFactory(Factory):
         self.metrics = metrics
         self.relays: set[WorkerRelay] = set()
         self._serverEnvironment = dict(os.environ)
-        self.limits = limits.Limits(config.maxWorkers, config.maxPerPeer)
+        self.limits = limits.Limits(config.maxWorkers, config.maxPerPeer, config.maxHandshakes)
+        self.access = access.AccessPolicy(config, reactor)
         self._slots: dict[WorkerRelay, limits.Slot] = {}
         self._lifetimes: dict[WorkerRelay, IDelayedCall] = {}
         self._graceKills: dict[spawn.WorkerProcess, IDelayedCall] = {}
@@ -105,28 +115,63 @@ class CloseWatchFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol:
         """
-        A relay for a connection from C{addr} (the original client's address
-        behind the PROXY protocol), or a L{limits.Refusal} if a limit is
-        reached.
+        The protocol for a connection from C{addr} (the original client's
+        address behind the PROXY protocol) that is ready for a worker: a
+        relay, or a protocol that closes it if it is refused.
+        """
+        return self.screen(addr) or self.connectionReady(addr)
+
+    def screen(self, addr: Any) -> Protocol | None:
+        """
+        Count a new client at C{addr} and apply the address rules and rate
+        limit to it.
+
+        @return: C{None} if it may go on, else a protocol that closes its
+            connection at once.
         """
         if self.metrics is not None:
             self.metrics.accepted()
+        reason = self.access.refusal(addr)
+        if reason is None:
+            return None
+        self.refused(addr, reason)
+        return limits.Rejection()
+
+    def connectionReady(self, addr: Any) -> Protocol:
+        """
+        A relay for a screened connection from C{addr}, which takes a slot
+        and starts a worker as it is connected, or a L{limits.Refusal} if a
+        limit is reached.
+        """
         try:
             slot = self.limits.admit(addr)
         except limits.Refused as refused:
-            log.info(
-                "refused {peer}: {reason}",
-                peer=limits.peerKey(addr) or str(addr),
-                reason=refused.reason,
-                refused=True,
-            )
-            if self.metrics is not None:
-                self.metrics.refused(refused.reason)
+            self.refused(addr, refused.reason)
             return limits.Refusal(self.config.busyMessage, self.reactor)
         relay = WorkerRelay(self, next(self._ids))
         self.relays.add(relay)
         self._slots[relay] = slot
         return relay
+
+    def refused(self, addr: Any, reason: str, detail: str | None = None) -> None:
+        """
+        Log and count a connection from C{addr} refused a worker for
+        C{reason}; a C{detail} (what was wrong with what the client sent)
+        makes the line a warning.
+        """
+        peer = limits.peerKey(addr) or str(addr)
+        if detail is None:
+            log.info("refused {peer}: {reason}", peer=peer, reason=reason, refused=True)
+        else:
+            log.warn(
+                "refused {peer}: {reason} ({detail})",
+                peer=peer,
+                reason=reason,
+                detail=detail,
+                refused=True,
+            )
+        if self.metrics is not None:
+            self.metrics.refused(reason)
 
     def workerEnvironment(self, relay: WorkerRelay) -> Mapping[str, str]:
         """

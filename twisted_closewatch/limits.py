@@ -1,6 +1,7 @@
 """
 Admission: how many connections may hold a worker, overall and per client
-address.
+address, and how many may be at a front door (a TLS handshake, a PROXY
+header) at once.
 
 A connection takes a L{Slot} when it is accepted and gives it back when its
 worker has been reaped, or, if it never had one (spawn failure), when the
@@ -31,7 +32,8 @@ class Refused(Exception):
     """
     A connection may not have a worker.
 
-    @ivar reason: C{"max-workers"} or C{"max-per-peer"}.
+    @ivar reason: C{"max-workers"}, C{"max-per-peer"} or
+        C{"max-handshakes"}.
     """
 
     def __init__(self, reason: str) -> None:
@@ -71,18 +73,49 @@ class Slot:
             self._limits._release(self)
 
 
+class Handshake:
+    """
+    One connection's place at a front door, given back once it is through
+    or gone; like L{Slot.release}, L{release} is idempotent.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limits.handshaking -= 1
+
+
 class Limits:
     """
-    Counts the slots held, overall and per peer address.
+    Counts the slots held, overall and per peer address, and the
+    connections at a front door.
 
     @ivar active: slots held now.
+    @ivar handshaking: connections at a front door now.
     """
 
-    def __init__(self, maxWorkers: int, maxPerPeer: int = 0) -> None:
+    def __init__(self, maxWorkers: int, maxPerPeer: int = 0, maxHandshakes: int = 0) -> None:
         self.maxWorkers = maxWorkers
         self.maxPerPeer = maxPerPeer
+        self.maxHandshakes = maxHandshakes
         self.active = 0
+        self.handshaking = 0
         self._perPeer: Counter[str] = Counter()
+
+    def startHandshake(self) -> Handshake:
+        """
+        Take a place at a front door; C{maxHandshakes} of 0 is no limit.
+
+        @raise Refused: all are taken.
+        """
+        if self.maxHandshakes and self.handshaking >= self.maxHandshakes:
+            raise Refused("max-handshakes")
+        self.handshaking += 1
+        return Handshake(self)
 
     def perPeer(self, peer: str) -> int:
         """
@@ -119,6 +152,16 @@ class Limits:
             self._perPeer[slot.peer] -= 1
             if not self._perPeer[slot.peer]:
                 del self._perPeer[slot.peer]
+
+
+class Rejection(Protocol):
+    """
+    What a client refused at the door gets: an immediate close, nothing
+    said.  Under TLS, before any handshake work.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
 
 
 @implementer(IHalfCloseableProtocol)

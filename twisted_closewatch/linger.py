@@ -60,11 +60,17 @@ class LingeringClose:
         """
         Send a FIN after the output still buffered.  Twisted's TLS layer
         would pass C{loseWriteConnection} to the TCP transport under it (a
-        bare FIN behind its back), so TLS connections are closed outright.
+        bare FIN behind its back), so TLS connections are closed outright:
+        with a close_notify, after which Twisted waits for the client's own
+        close_notify, so a client that never sends one is cut off at the
+        time limit.
         """
         loseWriteConnection = getattr(self._transport, "loseWriteConnection", None)
         if loseWriteConnection is None or ISSLTransport.providedBy(self._transport):
             self._transport.loseConnection()
+            self._calls.append(
+                self._reactor.callLater(self._limit, self._transport.abortConnection)
+            )
             return
         loseWriteConnection()
         self._calls.append(self._reactor.callLater(self._limit, self._transport.loseConnection))

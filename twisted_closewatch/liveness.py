@@ -248,6 +248,20 @@ def socketOptions(config: Config) -> list[tuple[int, int, int]]:
     return options
 
 
+def applySocketOptions(sock: socket.socket, config: Config) -> None:
+    """
+    Set L{socketOptions} on C{sock} if it is a TCP socket; what the kernel
+    refuses is left at its default.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    for level, name, value in socketOptions(config):
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError:
+            pass
+
+
 def platformWarnings(config: Config, endpoints: Iterable[Any] = ()) -> list[str]:
     """
     What C{config} asks for that this platform, or the endpoints listened
@@ -308,13 +322,7 @@ class ConnectionLiveness:
         self._clientFinished = False
 
     def configureSocket(self, sock: socket.socket) -> None:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return
-        for level, name, value in socketOptions(self._config):
-            try:
-                sock.setsockopt(level, name, value)
-            except OSError:
-                pass
+        applySocketOptions(sock, self._config)
 
     def start(self) -> None:
         self._running = True

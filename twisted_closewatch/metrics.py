@@ -42,8 +42,18 @@ END_REASONS = (
     "server-stopping",
     "spawn-failed",
 )
-#: Every reason a connection is refused a worker for.
-REFUSAL_REASONS = ("max-workers", "max-per-peer")
+#: Every reason a connection is refused a worker for: a limit on workers, on
+#: connections at the front doors, the access rules, the per-client rate,
+#: or a TLS handshake or PROXY header not done in time or malformed.
+REFUSAL_REASONS = (
+    "max-workers",
+    "max-per-peer",
+    "max-handshakes",
+    "denied",
+    "rate",
+    "handshake-timeout",
+    "bad-header",
+)
 
 KILL_LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
@@ -75,7 +85,8 @@ class ServerMetrics:
         r = self.registry
         self._accepted = pc.Counter(
             "closewatch_connections_accepted",
-            "Connections accepted, including those then refused a worker.",
+            "Connections accepted, including those then refused a worker "
+            "(behind the PROXY protocol, once their header has been read).",
             registry=r,
         )
         self._refused = pc.Counter(

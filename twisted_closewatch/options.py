@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from twisted_closewatch import metrics, proxy
+from twisted_closewatch import access, handshake, metrics, proxy
 from twisted_closewatch.config import Config, defaultCommand
 
 DEFAULT_LISTEN = "tcp:8787:interface=127.0.0.1"
@@ -225,6 +225,32 @@ class Options(usage.Options):
             lambda v: parseSeconds(v, maximum=3600),
         ],
         [
+            "handshake-timeout",
+            None,
+            10.0,
+            "Seconds a client may take over its TLS handshake (ssl:) or its "
+            "PROXY header (haproxy:) before it is closed; it holds no worker "
+            "meanwhile (0.1-3600).",
+            lambda v: _positiveSeconds(v, "--handshake-timeout", maximum=3600),
+        ],
+        [
+            "max-handshakes",
+            None,
+            1000,
+            "Connections in a TLS handshake or before their PROXY header at "
+            "most; more are closed at once (0 = no limit, up to 1000000).",
+            lambda v: parseWholeNumber(v, minimum=0, maximum=10**6, what="--max-handshakes"),
+        ],
+        [
+            "max-rate-per-peer",
+            None,
+            0,
+            "New connections per second per client IP (per /64 for IPv6; "
+            "behind haproxy:, the original client's) at most, in bursts of as "
+            "many; more are closed at once. 0 = off.",
+            lambda v: parseWholeNumber(v, minimum=0, maximum=10**6, what="--max-rate-per-peer"),
+        ],
+        [
             "metrics",
             None,
             None,
@@ -238,6 +264,21 @@ class Options(usage.Options):
         self["listen"] = []
         self["env"] = {}
         self["command"] = []
+        self["allow"] = []
+        self["deny"] = []
+        self["warnings"] = []
+
+    def opt_allow(self, network: str) -> None:
+        """
+        Accept clients from this network only (repeatable, IPv4 or IPv6, e.g. 10.0.0.0/8, 2001:db8::/32; an address alone is itself); with any --allow, every other client is refused. Behind haproxy:, the original client's address.
+        """
+        self["allow"].append(_parseNetwork(network, "--allow"))
+
+    def opt_deny(self, network: str) -> None:
+        """
+        Refuse clients from this network (repeatable, IPv4 or IPv6); deny wins over --allow.
+        """
+        self["deny"].append(_parseNetwork(network, "--deny"))
 
     def opt_listen(self, description: str) -> None:
         """
@@ -284,6 +325,7 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["endpoints"] = [_parseEndpoint(d) for d in self["listen"]]
+        self["warnings"] = [w for e in self["endpoints"] for w in _unixModeWarnings(e)]
         if self["metrics"] is not None:
             if not metrics.available():
                 raise usage.UsageError(
@@ -317,26 +359,87 @@ class Options(usage.Options):
             maxLifetime=self["max-lifetime"],
             grace=self["grace"],
             busyMessage=self["busy-message"] or b"",
+            handshakeTimeout=self["handshake-timeout"],
+            maxHandshakes=self["max-handshakes"],
+            allow=self["allow"],
+            deny=self["deny"],
+            maxRatePerPeer=self["max-rate-per-peer"],
         )
 
 
 _TEXT_DEFAULTS = {"read-ahead": parseSize, "heartbeat-data": parseBytes, "busy-message": parseBytes}
 
 
+def _positiveSeconds(text: str, option: str, maximum: float) -> float:
+    seconds = parseSeconds(text, maximum=maximum)
+    if seconds < 0.1:
+        raise usage.UsageError(f"{option} {text!r}: at least 0.1 seconds")
+    return seconds
+
+
+def _parseNetwork(text: str, option: str) -> access.Network:
+    try:
+        return access.parseNetwork(text)
+    except ValueError as e:
+        raise usage.UsageError(f"{option} {text!r}: {e}")
+
+
+#: Endpoint arguments are split at colons not escaped with a backslash.
+_ENDPOINT_FIELDS = re.compile(r"(?<!\\):")
+#: The mode of a unix socket whose endpoint does not say.
+UNIX_SOCKET_MODE = "600"
+
+
 def _parseEndpoint(description: str, option: str = "--listen") -> Any:
     """
-    The endpoint C{description} names; C{haproxy:} is closewatch's own
-    PROXY-protocol wrapper (see L{twisted_closewatch.proxy}).
+    The endpoint C{description} names.  C{haproxy:} is closewatch's own
+    PROXY-protocol front door (see L{twisted_closewatch.proxy}); C{ssl:}
+    endpoints get the TLS handshake gate (L{twisted_closewatch.handshake});
+    a unix socket is made mode 0600 unless the description gives C{mode=}.
     """
     from twisted.internet import endpoints, reactor
 
     kind, _, rest = description.partition(":")
     try:
         if kind.lower() == "haproxy":
-            return proxy.ProxyEndpoint(_bindable(endpoints.serverFromString(reactor, rest)))
-        return _bindable(endpoints.serverFromString(reactor, description))
+            if rest.partition(":")[0].lower() == "ssl":
+                raise ValueError(
+                    "TLS behind the PROXY protocol is not supported: terminate TLS "
+                    "in HAProxy, or listen on ssl: without haproxy:"
+                )
+            return proxy.proxyEndpoint(_bindable(_serverFromString(endpoints, reactor, rest)))
+        endpoint = _bindable(_serverFromString(endpoints, reactor, description))
+        if kind.lower() == "ssl":
+            return handshake.FrontDoorEndpoint(endpoint, handshake.TLSGateFactory)
+        return endpoint
     except Exception as e:
         raise usage.UsageError(f"{option} {description!r}: {e or type(e).__name__}")
+
+
+def _serverFromString(endpoints: Any, reactor: Any, description: str) -> Any:
+    fields = _ENDPOINT_FIELDS.split(description)
+    if fields[0].lower() == "unix" and not any(f.startswith("mode=") for f in fields[1:]):
+        description += f":mode={UNIX_SOCKET_MODE}"
+    return endpoints.serverFromString(reactor, description)
+
+
+def _unixModeWarnings(endpoint: Any) -> list[str]:
+    """
+    A warning for a unix socket anyone may connect to, when the server runs
+    as root: any local user could then start workers as root.
+    """
+    for _ in range(4):  # through front doors
+        mode = getattr(endpoint, "_mode", None)
+        if isinstance(mode, int):
+            if mode & 0o002 and os.geteuid() == 0:
+                return [
+                    f"unix socket {endpoint._address!r} is world-writable (mode "
+                    f"{mode:o}) and the server runs as root: any local user can "
+                    f"start workers"
+                ]
+            return []
+        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
+    return []
 
 
 def _bindable(endpoint: Any) -> Any:

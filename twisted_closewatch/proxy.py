@@ -2,126 +2,84 @@
 Listening behind HAProxy (the PROXY protocol, v1 or v2) without breaking
 closewatch's promises.
 
-Twisted's own C{haproxy:} endpoint wrapper connects the wrapped protocol
-the moment the TCP connection is accepted, before the PROXY header has been
-read, and is not an L{IHalfCloseableProtocol}.  For closewatch that would
-mean a worker spawned with the load balancer's address in C{TCPREMOTEIP},
-a per-peer limit counting the load balancer instead of clients, and a
-client's half-close turned into a full close before the relay could forward
-it.  L{ProxyEndpoint} wraps differently:
+The PROXY header is a front door (L{twisted_closewatch.handshake}): until it
+has been read, a connection holds no worker and no slot, only a place at the
+door, for at most C{--handshake-timeout} seconds, with keepalive on its
+socket.  The header is parsed strictly by L{twisted_closewatch.proxyheader}
+(a header split across reads is reassembled, up to the protocol's maximum
+length); a malformed one is a one-line warning and a closed connection.
+Once it has been read:
 
   - the server's protocol is built, by its factory and with the original
-    client's address, only once the header has been read, so admission and
+    client's address, so the address rules, the rate limit, admission and
     the worker's environment see the real client; a connection that closes
     before sending a header (a load balancer's TCP health check) costs no
     worker;
+  - the bytes that came with the header are the client's first;
   - half-closes are passed on to a protocol that can take them.
 
-C{--listen haproxy:ENDPOINT} listens with a L{ProxyEndpoint}.
+C{--listen haproxy:ENDPOINT} listens with L{proxyEndpoint}.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import (
-    IHalfCloseableProtocol,
-    IListeningPort,
-    IProtocol,
-    IStreamServerEndpoint,
-)
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
-from twisted.protocols.haproxy._wrapper import (
-    HAProxyProtocolWrapper,
-    HAProxyWrappingFactory,
-)
-from zope.interface import directlyProvides, implementer, providedBy
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IStreamServerEndpoint
 
-log = Logger()
+from twisted_closewatch import proxyheader
+from twisted_closewatch.handshake import FrontDoor, FrontDoorEndpoint, FrontDoorFactory
 
 
-class _AwaitingHeader(Protocol):
-    """
-    Stands in for the server's protocol until the header has been read, and
-    keeps the bytes that arrived with it.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[bytes] = []
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received.append(data)
-
-
-@implementer(IHalfCloseableProtocol)
-class ProxiedConnection(HAProxyProtocolWrapper):
+class ProxiedConnection(FrontDoor):
     """
     One connection from the load balancer: a PROXY header, then the client's
     bytes.
     """
 
-    factory: ProxyWrappingFactory
+    what = "PROXY header"
+    _source: IPv4Address | IPv6Address | None = None
+    _destination: IPv4Address | IPv6Address | None = None
 
-    def __init__(self, factory: ProxyWrappingFactory) -> None:
-        super().__init__(factory, _AwaitingHeader())
-
-    def makeConnection(self, transport: Any) -> None:
-        # Like ProtocolWrapper.makeConnection, without connecting the wrapped
-        # protocol: there is none yet.
-        directlyProvides(self, providedBy(transport))
-        Protocol.makeConnection(self, transport)
-        self.factory.registerProtocol(self)
+    def connectionMade(self) -> None:
+        self._received = bytearray()
+        super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._proxyInfo is not None:
+        if self.wrappedProtocol is not None:
             self.wrappedProtocol.dataReceived(data)
             return
-        super().dataReceived(data)
-        if self._proxyInfo is not None:
-            self._headerRead()
-        elif self.disconnecting:
-            log.warn(
-                "no valid PROXY header from {peer}: closed",
-                peer=self.transport.getPeer(),
-            )
-
-    def _headerRead(self) -> None:
-        waiting = self.wrappedProtocol
-        assert isinstance(waiting, _AwaitingHeader)
-        protocol = self.factory.wrappedFactory.buildProtocol(self.getPeer())
-        if protocol is None:
-            self.loseConnection()
+        if self.disconnecting:
             return
-        self.wrappedProtocol = protocol
-        protocol.makeConnection(self)
-        for data in waiting.received:
-            if self.disconnecting or self.wrappedProtocol is None:
-                break
-            protocol.dataReceived(data)
+        self._received += data
+        try:
+            header = proxyheader.parse(self._received)
+        except proxyheader.ProxyHeaderError as e:
+            self.refuse("bad-header", str(e))
+            return
+        if header is None:
+            return
+        self._source, self._destination = header.source, header.destination
+        received = bytes(self._received[header.length :])
+        del self._received
+        self.through(self.closewatch.buildProtocol(self.getPeer()), received)
 
-    def _halfCloseable(self) -> IHalfCloseableProtocol | None:
-        if self._proxyInfo is None:
-            return None
-        return IHalfCloseableProtocol(self.wrappedProtocol, None)
+    def getPeer(self) -> Any:
+        """
+        The original client's address, once the header has named it.
+        """
+        return self._source or self.transport.getPeer()
 
-    def readConnectionLost(self) -> None:
-        protocol = self._halfCloseable()
-        if protocol is None:
-            # What the TCP transport does for a protocol that cannot be
-            # half-closed (and for a client that never sent a header).
-            self.loseConnection()
-        else:
-            protocol.readConnectionLost()
-
-    def writeConnectionLost(self) -> None:
-        protocol = self._halfCloseable()
-        if protocol is not None:
-            protocol.writeConnectionLost()
+    def getHost(self) -> Any:
+        """
+        The address the original client connected to, once the header has
+        named it.
+        """
+        return self._destination or self.transport.getHost()
 
 
-class ProxyWrappingFactory(HAProxyWrappingFactory):
+class ProxyWrappingFactory(FrontDoorFactory):
     """
     Wraps a server factory whose protocols are built once the PROXY header
     has named the client.
@@ -129,19 +87,9 @@ class ProxyWrappingFactory(HAProxyWrappingFactory):
 
     protocol = ProxiedConnection
 
-    def buildProtocol(self, addr: Any) -> IProtocol:
-        return self.protocol(self)
 
-
-@implementer(IStreamServerEndpoint)
-class ProxyEndpoint:
+def proxyEndpoint(wrapped: IStreamServerEndpoint) -> FrontDoorEndpoint:
     """
     An endpoint whose connections start with a PROXY header.
     """
-
-    def __init__(self, wrapped: IStreamServerEndpoint) -> None:
-        self._wrapped = wrapped
-
-    def listen(self, protocolFactory: Factory) -> Deferred[IListeningPort]:
-        return self._wrapped.listen(ProxyWrappingFactory(protocolFactory))
-
+    return FrontDoorEndpoint(wrapped, ProxyWrappingFactory)

@@ -46,7 +46,23 @@ class CloseWatchService(MultiService):
         """
         self.guardian.start()
         self.factory.guardian = self.guardian
+        self.factory.reactor.callWhenRunning(self._handleHangUp)
         super().startService()
+
+    def _handleHangUp(self) -> None:
+        """
+        Stop on SIGHUP (a closed terminal under C{twistd -n}) as on SIGTERM,
+        rather than die by the signal's default action without ending the
+        connections; only where the reactor handles signals at all.
+        """
+        if getattr(self.factory.reactor, "_installSignalHandlers", False) and hasattr(
+            signal, "SIGHUP"
+        ):
+            signal.signal(signal.SIGHUP, self._hangUp)
+
+    def _hangUp(self, number: int, frame: object) -> None:
+        log.info("Received SIGHUP, shutting down.")
+        self.factory.reactor.callFromThread(self.factory.reactor.stop)
 
     def stopService(self) -> Deferred[Any]:
         """

@@ -26,9 +26,10 @@ def makeService(options: Options) -> IService:
 
     # Logged before twistd starts its log observers: Twisted buffers these
     # and emits them once logging begins.
-    for warning in liveness.platformWarnings(
-        options["config"], zip(options["listen"], options["endpoints"])
-    ):
+    for warning in [
+        *liveness.platformWarnings(options["config"], zip(options["listen"], options["endpoints"])),
+        *options["warnings"],
+    ]:
         log.warn("{warning}", warning=warning)
     serverMetrics = None
     if options["metrics-endpoint"] is not None:
