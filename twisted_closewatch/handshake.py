@@ -118,6 +118,7 @@ class FrontDoor(ProtocolWrapper):
         """
         self._leave()
         self.closewatch.refused(self.getPeer(), reason, detail)
+        self.disconnecting = True
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:

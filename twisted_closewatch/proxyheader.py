@@ -109,7 +109,10 @@ def parse(data: bytes | bytearray | memoryview) -> ProxyHeader | None:
 def _parseV1(data: memoryview) -> ProxyHeader | None:
     window = bytes(data[:V1_MAX_LENGTH])
     end = window.find(b"\r\n")
-    line = window if end < 0 else window[:end]
+    if end >= 0:
+        line = window[:end]
+    else:  # a "\r" at the end may be the first half of the "\r\n" to come
+        line = window.removesuffix(b"\r")
     if not _V1_PRINTABLE.fullmatch(line):
         raise ProxyHeaderError("v1 header holds a control or non-ASCII character")
     if end < 0:
