@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from twisted_closewatch import access, limits, spawn
 from twisted_closewatch.closewatch import ICloseWatch, makeCloseWatch
@@ -159,17 +159,14 @@ class CloseWatchFactory(Factory):
         C{reason}; a C{detail} (what was wrong with what the client sent)
         makes the line a warning.
         """
-        peer = limits.peerKey(addr) or str(addr)
-        if detail is None:
-            log.info("refused {peer}: {reason}", peer=peer, reason=reason, refused=True)
-        else:
-            log.warn(
-                "refused {peer}: {reason} ({detail})",
-                peer=peer,
-                reason=reason,
-                detail=detail,
-                refused=True,
-            )
+        log.emit(
+            LogLevel.info if detail is None else LogLevel.warn,
+            "refused {peer}: {reason}" + ("" if detail is None else " ({detail})"),
+            peer=limits.peerKey(addr) or str(addr),
+            reason=reason,
+            detail=detail,
+            refused=True,
+        )
         if self.metrics is not None:
             self.metrics.refused(reason)
 

@@ -19,7 +19,7 @@ are applied at TCP accept, before any handshake work.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -30,6 +30,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IStreamServerEndpoint,
+    ITransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -53,6 +54,9 @@ class FrontDoor(ProtocolWrapper):
     """
 
     factory: FrontDoorFactory
+    # A TCP or TLS transport, with more than ITransport says (abortConnection,
+    # bufferSize, getHandle).
+    transport: Any
     wrappedProtocol: IProtocol | None  # type: ignore[assignment]
     what = "front door"
     _timeout: IDelayedCall | None = None
@@ -108,7 +112,7 @@ class FrontDoor(ProtocolWrapper):
         """
         self._leave()
         self.wrappedProtocol = protocol
-        protocol.makeConnection(self)
+        protocol.makeConnection(cast(ITransport, self))
         if received and self.connected and not self.disconnecting:
             protocol.dataReceived(received)
 
@@ -174,6 +178,7 @@ class FrontDoorFactory(WrappingFactory):
     wrappedFactory: CloseWatchFactory
 
     def buildProtocol(self, addr: Any) -> Protocol:  # type: ignore[override]
+        # A wrapper, or a Rejection for a connection that gets no further.
         try:
             handshake = self.wrappedFactory.limits.startHandshake()
         except limits.Refused as refused:
@@ -202,7 +207,7 @@ class TLSGateFactory(FrontDoorFactory):
 
     protocol = TLSGate
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: Any) -> Protocol:  # type: ignore[override]
         refusal = self.wrappedFactory.screen(addr)
         if refusal is not None:
             return refusal

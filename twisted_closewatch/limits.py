@@ -161,6 +161,7 @@ class Rejection(Protocol):
     """
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.loseConnection()
 
 

@@ -228,26 +228,32 @@ class Options(usage.Options):
             "handshake-timeout",
             None,
             10.0,
-            "Seconds a client may take over its TLS handshake (ssl:) or its "
-            "PROXY header (haproxy:) before it is closed; it holds no worker "
-            "meanwhile (0.1-3600).",
+            (
+                "Seconds a client may take over its TLS handshake (ssl:) or its "
+                "PROXY header (haproxy:) before it is closed; it holds no worker "
+                "meanwhile (0.1-3600)."
+            ),
             lambda v: _positiveSeconds(v, "--handshake-timeout", maximum=3600),
         ],
         [
             "max-handshakes",
             None,
             1000,
-            "Connections in a TLS handshake or before their PROXY header at "
-            "most; more are closed at once (0 = no limit, up to 1000000).",
+            (
+                "Connections in a TLS handshake or before their PROXY header at "
+                "most; more are closed at once (0 = no limit, up to 1000000)."
+            ),
             lambda v: parseWholeNumber(v, minimum=0, maximum=10**6, what="--max-handshakes"),
         ],
         [
             "max-rate-per-peer",
             None,
             0,
-            "New connections per second per client IP (per /64 for IPv6; "
-            "behind haproxy:, the original client's) at most, in bursts of as "
-            "many; more are closed at once. 0 = off.",
+            (
+                "New connections per second per client IP (per /64 for IPv6; "
+                "behind haproxy:, the original client's) at most, in bursts of "
+                "as many; more are closed at once. 0 = off."
+            ),
             lambda v: parseWholeNumber(v, minimum=0, maximum=10**6, what="--max-rate-per-peer"),
         ],
         [
@@ -433,9 +439,11 @@ def _unixModeWarnings(endpoint: Any) -> list[str]:
         if isinstance(mode, int):
             if mode & 0o002 and os.geteuid() == 0:
                 return [
-                    f"unix socket {endpoint._address!r} is world-writable (mode "
-                    f"{mode:o}) and the server runs as root: any local user can "
-                    f"start workers"
+                    (
+                        f"unix socket {endpoint._address!r} is world-writable (mode "
+                        f"{mode:o}) and the server runs as root: any local user can "
+                        f"start workers"
+                    )
                 ]
             return []
         endpoint = getattr(endpoint, "_wrappedEndpoint", None)

@@ -69,14 +69,14 @@ class ProxiedConnection(FrontDoor):
         """
         The original client's address, once the header has named it.
         """
-        return self._source or self.transport.getPeer()
+        return self._source or super().getPeer()
 
     def getHost(self) -> Any:
         """
         The address the original client connected to, once the header has
         named it.
         """
-        return self._destination or self.transport.getHost()
+        return self._destination or super().getHost()
 
 
 class ProxyWrappingFactory(FrontDoorFactory):
