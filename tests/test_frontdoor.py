@@ -364,16 +364,13 @@ class HangUpTests(TestCase):
         reaped, a server-stopping end logged for each, exit status 0.
         """
         server = startServer(self)
-        socks, pids = [], []
-        for _ in range(3):
-            sock, pid = server.connectWorker()
-            socks.append(sock)
-            pids.append(pid)
+        held = [server.connectWorker() for _ in range(3)]
+        pids = [pid for _, pid in held]
         server.process.send_signal(signal.SIGHUP)
         self.assertEqual(server.process.wait(30), 0)
         waitGone(pids, 5)
         ends = server.ends()
         self.assertEqual(sorted(e["pid"] for e in ends), sorted(pids))
         self.assertEqual({e["reason"] for e in ends}, {"server-stopping"})
-        for sock in socks:
+        for sock, _ in held:
             sock.close()

@@ -18,7 +18,6 @@ are applied at TCP accept, before any handshake work.
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -81,7 +80,10 @@ class FrontDoor(ProtocolWrapper):
 
     def connectionMade(self) -> None:
         config = self.closewatch.config
-        sock = _socketOf(self.transport)
+        try:
+            sock = liveness.socketOf(self.transport)
+        except OSError:
+            sock = None
         if sock is not None:
             liveness.applySocketOptions(sock, config)
         self._timeout = self.closewatch.reactor.callLater(
@@ -230,21 +232,3 @@ class FrontDoorEndpoint:
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return self._wrappedEndpoint.listen(self._doorFactory(protocolFactory))
 
-
-def _socketOf(transport: Any) -> socket.socket | None:
-    """
-    The socket under C{transport}, through a TLS layer (whose own handle
-    is the TLS connection).
-    """
-    while transport is not None:
-        getHandle = getattr(transport, "getHandle", None)
-        if getHandle is None:
-            return None
-        try:
-            handle = getHandle()
-        except OSError:
-            return None
-        if isinstance(handle, socket.socket):
-            return handle
-        transport = getattr(transport, "transport", None)
-    return None

@@ -248,6 +248,25 @@ def socketOptions(config: Config) -> list[tuple[int, int, int]]:
     return options
 
 
+def socketOf(transport: Any) -> socket.socket | None:
+    """
+    The socket under C{transport}, or C{None} if it has none.  Under TLS the
+    transport's handle is the TLS connection, not the socket: the socket is
+    the handle of the transport beneath it.
+
+    @raise OSError: the socket cannot be had (it is closed).
+    """
+    while transport is not None:
+        getHandle = getattr(transport, "getHandle", None)
+        if getHandle is None:
+            return None
+        handle = getHandle()
+        if isinstance(handle, socket.socket):
+            return handle
+        transport = getattr(transport, "transport", None)
+    return None
+
+
 def applySocketOptions(sock: socket.socket, config: Config) -> None:
     """
     Set L{socketOptions} on C{sock} if it is a TCP socket; what the kernel

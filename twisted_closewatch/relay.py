@@ -470,20 +470,13 @@ def _probeSocket(transport: Any) -> socket.socket | None:
     Under TLS the transport's handle is the TLS connection, not the socket:
     the socket is the handle of the transport beneath it.
     """
-    while transport is not None:
-        getHandle = getattr(transport, "getHandle", None)
-        if getHandle is None:
-            return None
-        try:
-            handle = getHandle()
-            if isinstance(handle, socket.socket):
-                return handle.dup()
-        except OSError as e:
-            if e.errno != errno.EBADF:
-                log.warn("cannot watch client socket: {error}", error=e)
-            return None
-        transport = getattr(transport, "transport", None)
-    return None
+    try:
+        sock = liveness.socketOf(transport)
+        return None if sock is None else sock.dup()
+    except OSError as e:
+        if e.errno != errno.EBADF:
+            log.warn("cannot watch client socket: {error}", error=e)
+        return None
 
 
 def _describe(address: Any) -> str:
