@@ -16,6 +16,7 @@ import socket
 import sys
 import termios
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport
@@ -55,31 +56,49 @@ class LingeringClose:
         self._sock = sock
         self._lastInput = time.monotonic()
         self._calls: list[IDelayedCall] = []
+        self._close: Callable[[], None] = transport.loseConnection
 
     def start(self) -> None:
         """
-        Send a FIN after the output still buffered.  Twisted's TLS layer
-        would pass C{loseWriteConnection} to the TCP transport under it (a
-        bare FIN behind its back), so TLS connections are closed outright:
-        with a close_notify, after which Twisted waits for the client's own
-        close_notify, so a client that never sends one is cut off at the
-        time limit.
+        Send a FIN after the output still buffered.
+
+        Twisted's TLS layer would pass C{loseWriteConnection} to the TCP
+        transport under it (a bare FIN behind its back), so under TLS the
+        end of output is a close_notify instead.  Twisted then waits for the
+        client's own close_notify, which many clients never send: the same
+        rule as after a FIN then closes the TCP connection beneath, and the
+        time limit aborts it.
         """
         loseWriteConnection = getattr(self._transport, "loseWriteConnection", None)
-        if loseWriteConnection is None or ISSLTransport.providedBy(self._transport):
+        if ISSLTransport.providedBy(self._transport):
             self._transport.loseConnection()
+            self._close = self._closeBeneath
             self._calls.append(
                 self._reactor.callLater(self._limit, self._transport.abortConnection)
             )
+            self._checkQuiet()
+            return
+        if loseWriteConnection is None:
+            self._transport.loseConnection()
             return
         loseWriteConnection()
         self._calls.append(self._reactor.callLater(self._limit, self._transport.loseConnection))
+
+    def _closeBeneath(self) -> None:
+        """
+        Close the transport at the bottom (TCP) under TLS and any wrapper,
+        after what it still has to send (our close_notify).
+        """
+        transport = self._transport
+        while getattr(transport, "transport", None) is not None:
+            transport = transport.transport
+        transport.loseConnection()
 
     def inputReceived(self) -> None:
         self._lastInput = time.monotonic()
 
     def inputDone(self) -> None:
-        self._transport.loseConnection()
+        self._close()
 
     def outputDone(self) -> None:
         self._checkQuiet()
@@ -87,7 +106,7 @@ class LingeringClose:
     def _checkQuiet(self) -> None:
         quietFor = time.monotonic() - self._lastInput
         if quietFor >= self.quiet and unread(self._sock) == 0:
-            self._transport.loseConnection()
+            self._close()
             return
         self._calls.append(
             self._reactor.callLater(max(self.quiet - quietFor, 0.05), self._checkQuiet)
