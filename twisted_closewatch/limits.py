@@ -3,7 +3,8 @@ Admission: how many connections may hold a worker, overall and per client
 address, and how many may be at a front door (a TLS handshake, a PROXY
 header) at once.
 
-A connection takes a L{Slot} when it is accepted and gives it back when its
+A connection takes a L{Slot} when it is ready for a worker (at accept, or
+once past its front door) and gives it back when its
 worker has been reaped, or, if it never had one (spawn failure), when the
 connection has ended.  The factory releases it in the two places every
 connection passes through, whatever way it ended (client close, reset or
