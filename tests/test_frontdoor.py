@@ -8,11 +8,13 @@ SIGHUP.  Real twistd, real sockets, real openssl certificates.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
 import stat
 import struct
+import subprocess
 import time
 
 from twisted.trial.unittest import TestCase
@@ -168,6 +170,23 @@ class ProxyHeaderTests(TestCase):
             sock.close()
         self.assertEqual(refusals(server), ["handshake-timeout"] * 2)
         self.assertEqual(workers(server.pid), [])
+
+    def test_keepaliveBeforeHeader(self) -> None:
+        """
+        Keepalive is on from accept, before any header has arrived.
+        """
+        if shutil.which("ss") is None:
+            raise self.skipTest("ss (iproute2) is not installed")
+        sock = connectFrom(self.server.port)
+        query = ["ss", "-tno", "state", "established", f"( sport = :{self.server.port} )"]
+        wait(
+            lambda: "timer:(keepalive" in subprocess.run(
+                query, capture_output=True, text=True, timeout=10
+            ).stdout,
+            5,
+        )
+        self.assertEqual(workers(self.server.pid), [])
+        sock.close()
 
     def test_malformed(self) -> None:
         """
