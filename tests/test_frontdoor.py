@@ -15,6 +15,7 @@ import ssl
 import stat
 import struct
 import subprocess
+import tempfile
 import time
 
 from twisted.trial.unittest import TestCase
@@ -339,6 +340,15 @@ class AccessTests(TestCase):
 
 
 class UnixSocketModeTests(TestCase):
+    def socketPath(self) -> str:
+        """
+        A path short enough for a unix socket (108 bytes), wherever the
+        test runner's temporary directory is.
+        """
+        directory = tempfile.mkdtemp(prefix="closewatch-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return os.path.join(directory, "sock")
+
     def startUnix(self, description: str, path: str) -> Server:
         """
         A server on a unix socket, once it has served a client.
@@ -355,13 +365,13 @@ class UnixSocketModeTests(TestCase):
         return server
 
     def test_default0600(self) -> None:
-        path = os.path.abspath(self.mktemp())
+        path = self.socketPath()
         server = self.startUnix(f"unix:{path}", path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(server.stop(), 0)
 
     def test_modeHonoured(self) -> None:
-        path = os.path.abspath(self.mktemp())
+        path = self.socketPath()
         server = self.startUnix(f"unix:{path}:mode=660", path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
         self.assertEqual(server.stop(), 0)
@@ -369,7 +379,7 @@ class UnixSocketModeTests(TestCase):
     def test_worldWritableAsRootWarns(self) -> None:
         if os.geteuid() != 0:
             raise self.skipTest("the warning is for a server running as root")
-        path = os.path.abspath(self.mktemp())
+        path = self.socketPath()
         server = self.startUnix(f"unix:{path}:mode=666", path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o666)
         wait(lambda: "world-writable" in server.output(), 10)
