@@ -151,6 +151,8 @@ class AccessPolicy:
         rules, C{"rate"} over its rate), or C{None} if it may.  An allowed
         connection counts towards the client's rate; a denied one does not.
         """
+        if not self._rules and self._rate is None:
+            return None
         ip = clientIP(address)
         if ip is None:
             return None
