@@ -18,6 +18,7 @@ are applied at TCP accept, before any handshake work.
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
@@ -42,14 +43,28 @@ if TYPE_CHECKING:
     from twisted_closewatch.factory import CloseWatchFactory
 
 
+class DoorState(enum.Enum):
+    """
+    Where a connection is: at the door (from accept), then through it or
+    turned away, and gone in the end (from any of them).
+    """
+
+    AT_DOOR = "at the door"
+    THROUGH = "through"
+    TURNED_AWAY = "turned away"
+    GONE = "gone"
+
+
 @implementer(IHalfCloseableProtocol)
 class FrontDoor(ProtocolWrapper):
     """
     One connection at a front door, then a pass-through to the protocol
-    built for it.  Subclasses say what the door is (L{what}) and call
-    L{through} or L{refuse}.
+    built for it.  Subclasses say what the door is (L{what}), take what
+    arrives at the door (L{atDoorReceived}), and call L{through} or
+    L{refuse}.
 
     @cvar what: what the connection must get through, for the log.
+    @ivar state: a L{DoorState}.
     """
 
     factory: FrontDoorFactory
@@ -58,6 +73,7 @@ class FrontDoor(ProtocolWrapper):
     transport: Any
     wrappedProtocol: IProtocol | None  # type: ignore[assignment]
     what = "front door"
+    state = DoorState.AT_DOOR
     _timeout: IDelayedCall | None = None
 
     def __init__(self, factory: FrontDoorFactory, handshake: limits.Handshake) -> None:
@@ -97,14 +113,19 @@ class FrontDoor(ProtocolWrapper):
             f"{self.what} not done within {self.closewatch.config.handshakeTimeout:g} s",
         )
 
-    def _leave(self) -> None:
+    def _leave(self, state: DoorState) -> bool:
         """
-        The connection is through the door or gone: its place is free.
+        Leave the door for C{state}: the connection's place there is free.
+
+        @return: whether the connection was at the door.
         """
+        wasAtDoor = self.state is DoorState.AT_DOOR
+        self.state = state
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
         self._handshake.release()
+        return wasAtDoor
 
     def through(self, protocol: IProtocol, received: bytes = b"") -> None:
         """
@@ -112,7 +133,8 @@ class FrontDoor(ProtocolWrapper):
         factory) to this connection and give it C{received}, the bytes that
         came with what opened the door.
         """
-        self._leave()
+        if not self._leave(DoorState.THROUGH):
+            return
         self.wrappedProtocol = protocol
         protocol.makeConnection(cast(ITransport, self))
         if received and self.connected and not self.disconnecting:
@@ -122,17 +144,26 @@ class FrontDoor(ProtocolWrapper):
         """
         Not through the door: log one line, count it, close the connection.
         """
-        self._leave()
+        if not self._leave(DoorState.TURNED_AWAY):
+            return
         self.closewatch.refused(self.getPeer(), reason, detail)
         self.disconnecting = True
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.wrappedProtocol is not None:
-            self.wrappedProtocol.dataReceived(data)
+        if self.state is DoorState.THROUGH:
+            self.wrappedProtocol.dataReceived(data)  # type: ignore[union-attr]
+        elif self.state is DoorState.AT_DOOR:
+            self.atDoorReceived(data)
+
+    def atDoorReceived(self, data: bytes) -> None:
+        """
+        Bytes that arrived before the door was passed; dropped unless the
+        door is made of them.
+        """
 
     def _halfCloseable(self) -> IHalfCloseableProtocol | None:
-        if self.wrappedProtocol is None:
+        if self.state is not DoorState.THROUGH:
             return None
         return IHalfCloseableProtocol(self.wrappedProtocol, None)
 
@@ -151,11 +182,12 @@ class FrontDoor(ProtocolWrapper):
             protocol.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._leave()
-        if self.wrappedProtocol is None:
-            self.factory.unregisterProtocol(self)
-        else:
+        wasThrough = self.state is DoorState.THROUGH
+        self._leave(DoorState.GONE)
+        if wasThrough:
             super().connectionLost(reason)
+        else:
+            self.factory.unregisterProtocol(self)
 
     @property
     def bufferSize(self) -> int:

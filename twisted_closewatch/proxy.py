@@ -46,12 +46,7 @@ class ProxiedConnection(FrontDoor):
         self._received = bytearray()
         super().connectionMade()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.wrappedProtocol is not None:
-            self.wrappedProtocol.dataReceived(data)
-            return
-        if self.disconnecting:
-            return
+    def atDoorReceived(self, data: bytes) -> None:
         self._received += data
         try:
             header = proxyheader.parse(self._received)

@@ -20,7 +20,7 @@ from twisted_closewatch import limits
 from twisted_closewatch.access import parseNetwork
 from twisted_closewatch.config import Config
 from twisted_closewatch.factory import CloseWatchFactory
-from twisted_closewatch.handshake import TLSGate, TLSGateFactory
+from twisted_closewatch.handshake import DoorState, TLSGate, TLSGateFactory
 from twisted_closewatch.metrics import ServerMetrics
 from twisted_closewatch.proxy import ProxiedConnection, ProxyWrappingFactory
 from twisted_closewatch.proxyheader import V1_MAX_LENGTH
@@ -129,8 +129,10 @@ class TLSGateTests(FrontDoorTestsMixin, TestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(factory.refusals("handshake-timeout"), 1)
         self.assertEqual(factory.limits.handshaking, 0)
+        gate.handshakeCompleted()
         gate.connectionLost(Failure(Exception("aborted")))
         self.assertEqual(factory.ready, [])
+        self.assertEqual(gate.state, DoorState.GONE)
 
     def test_clientLeaves(self) -> None:
         factory = RecordingFactory(config(), self.reactor)
