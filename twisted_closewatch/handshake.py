@@ -115,16 +115,19 @@ class FrontDoor(ProtocolWrapper):
 
     def _leave(self, state: DoorState) -> bool:
         """
-        Leave the door for C{state}: the connection's place there is free.
+        Leave the door for C{state}, if the connection is at the door (or
+        for good, from anywhere): its place there is free.
 
         @return: whether the connection was at the door.
         """
         wasAtDoor = self.state is DoorState.AT_DOOR
-        self.state = state
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._timeout = None
-        self._handshake.release()
+        if wasAtDoor or state is DoorState.GONE:
+            self.state = state
+        if wasAtDoor:
+            if self._timeout is not None and self._timeout.active():
+                self._timeout.cancel()
+            self._timeout = None
+            self._handshake.release()
         return wasAtDoor
 
     def through(self, protocol: IProtocol, received: bytes = b"") -> None:
@@ -230,7 +233,8 @@ class TLSGate(FrontDoor):
     what = "TLS handshake"
 
     def handshakeCompleted(self) -> None:
-        self.through(self.closewatch.connectionReady(self.getPeer()))
+        if self.state is DoorState.AT_DOOR:
+            self.through(self.closewatch.connectionReady(self.getPeer()))
 
 
 class TLSGateFactory(FrontDoorFactory):
