@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: A worker that says who it is, then blocks without ever reading stdin.
 PID_WORKER = ["/bin/sh", "-c", "echo $$; exec sleep 100000"]
+
+
+def unixSocketPath(testCase: Any) -> str:
+    """
+    A path short enough for a unix socket (108 bytes), wherever the test
+    runner's temporary directory is (trial's is deep), removed after
+    C{testCase}.
+    """
+    directory = tempfile.mkdtemp(prefix="closewatch-")
+    testCase.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, "sock")
 
 
 def wait(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:

@@ -39,6 +39,7 @@ from tests.support import (
     reset,
     rssKiB,
     runTwistd,
+    unixSocketPath,
     wait,
     waitGone,
     workers,
@@ -679,7 +680,7 @@ class InheritanceTests(ServerTestCase):
         inherited, every worker has fds 0, 1, 2 only, all pipes, and does
         not inherit the server's ignored SIGPIPE.
         """
-        path = os.path.join(os.path.abspath(self.mktemp()) + ".sock")
+        path = unixSocketPath(self)
         stray = os.open(os.devnull, os.O_RDONLY)
         self.addCleanup(os.close, stray)
         os.set_inheritable(stray, True)

@@ -15,12 +15,11 @@ import ssl
 import stat
 import struct
 import subprocess
-import tempfile
 import time
 
 from twisted.trial.unittest import TestCase
 
-from tests.support import Server, readAll, readLine, wait, waitGone, workers
+from tests.support import Server, readAll, readLine, unixSocketPath, wait, waitGone, workers
 from tests.test_production import makeCertificate, refusals, startServer
 
 #: Says who it is and who the client is, then echoes its stdin.
@@ -340,15 +339,6 @@ class AccessTests(TestCase):
 
 
 class UnixSocketModeTests(TestCase):
-    def socketPath(self) -> str:
-        """
-        A path short enough for a unix socket (108 bytes), wherever the
-        test runner's temporary directory is.
-        """
-        directory = tempfile.mkdtemp(prefix="closewatch-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        return os.path.join(directory, "sock")
-
     def startUnix(self, description: str, path: str) -> Server:
         """
         A server on a unix socket, once it has served a client.
@@ -365,13 +355,13 @@ class UnixSocketModeTests(TestCase):
         return server
 
     def test_default0600(self) -> None:
-        path = self.socketPath()
+        path = unixSocketPath(self)
         server = self.startUnix(f"unix:{path}", path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(server.stop(), 0)
 
     def test_modeHonoured(self) -> None:
-        path = self.socketPath()
+        path = unixSocketPath(self)
         server = self.startUnix(f"unix:{path}:mode=660", path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o660)
         self.assertEqual(server.stop(), 0)
@@ -379,7 +369,7 @@ class UnixSocketModeTests(TestCase):
     def test_worldWritableAsRootWarns(self) -> None:
         if os.geteuid() != 0:
             raise self.skipTest("the warning is for a server running as root")
-        path = self.socketPath()
+        path = unixSocketPath(self)
         server = self.startUnix(f"unix:{path}:mode=666", path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o666)
         wait(lambda: "world-writable" in server.output(), 10)
