@@ -51,6 +51,8 @@ import time
 import zlib
 from pathlib import Path
 
+import kill_floor
+
 HERE = Path(__file__).resolve().parent
 #: The closewatch source tree benchmarked (--root); by default this checkout.
 ROOT = HERE.parent
@@ -65,6 +67,12 @@ SIOCOUTQ = 0x5411
 SURVIVE_S = 3.0
 
 SCENARIOS = ("fin", "rst", "half", "paused")
+#: The naive Twisted relay (naive_relay.py) reads everything it is sent (no
+#: flow control), so it never pauses: no paused cell.  It takes part in the
+#: kill and rate measures only (its spawn cost grows with its open fds, and
+#: its relay buffers without bound).
+PEER_SCENARIOS = {"naive": ("fin", "rst", "half")}
+PEER_MEASURES = {"naive": {"kill", "rate"}}
 SCENARIO_TITLES = {
     "fin": "FIN (close)",
     "rst": "RST (linger 0)",
@@ -329,6 +337,9 @@ def startServer(kind: str, worker: list[str], logdir: Path, serverPython: str) -
         server = Server(kind, argv, port, logdir)
     elif kind == "tcpserver":
         argv = ["tcpserver", "-c", "20000", "-b", "1024", "-HRl0", "127.0.0.1", str(port), *worker]
+        server = Server(kind, argv, port, logdir)
+    elif kind == "naive":
+        argv = [serverPython, str(HERE / "naive_relay.py"), str(port), *worker]
         server = Server(kind, argv, port, logdir)
     else:
         raise ValueError(kind)
@@ -1162,8 +1173,9 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "---|" * len(hdr))
     kill = res["kill"]
+    scenarios = res["config"].get("scenarios", SCENARIOS)
     for n in res["config"]["concurrency"]:
-        for sc in SCENARIOS:
+        for sc in scenarios:
             key = f"{sc}@{n}"
             row = [f"kill {SCENARIO_TITLES[sc]}, {n} conn"]
             for srv in servers:
@@ -1175,6 +1187,8 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
                 if cw and ps and ps["summary"]["killed"] and cw["summary"]["killed"]:
                     row.append(
                         f"p50 {fmt(ratio(cw['summary']['p50_ms'], ps['summary']['p50_ms']), 4)}"
+                        + (f", p99 {fmt(ratio(cw['summary']['p99_ms'], ps['summary']['p99_ms']), 4)}"
+                           if p == "naive" else "")
                     )
                 elif cw and ps:
                     row.append(f"{ps['summary']['survived']} survived")
@@ -1186,10 +1200,16 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
     row = [f"server main-process CPU us per close, {nmaxK} conns (FIN/RST/half/paused)"]
     for srv in servers:
         vals = [kill.get(srv, {}).get(f"{sc}@{nmaxK}", {}).get("summary", {}).get("server_cpu_us_per_close")
-                for sc in SCENARIOS]
+                for sc in scenarios]
         row.append("/".join(fmt(v, 0) for v in vals) if any(v is not None for v in vals) else "–")
     row += ["–"] * len(peers)
     lines.append("| " + " | ".join(row) + " |")
+    for n, runs in res.get("floor", {}).items():
+        row = [f"kernel floor: {n} groups killpg'd in a tight loop, no server (kill_floor.py)"]
+        row += [f"{fmt(median([r[0] for r in runs]))}/{fmt(median([r[1] for r in runs]))}"
+                if srv == "closewatch" else "–" for srv in servers]
+        row += ["–"] * len(peers)
+        lines.append("| " + " | ".join(row) + " |")
 
     def simpleRow(title, getter, nd=2, higher=True):
         row = [title]
@@ -1279,6 +1299,28 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
         target(f"spawn p50 at {bg} open conns <= 2x idle", ok,
                f"{fmt(s.get('loaded_p50_ms'), 3)} vs {fmt(s.get('idle_p50_ms'), 3)} ms "
                f"({fmt(r, 2)}x; {s.get('background_opened')}/{bg} opened{capped})")
+    if "naive" in servers:
+        for sc in ("fin", "rst", "half"):
+            cw, nv = cwKill(f"{sc}@1"), kill.get("naive", {}).get(f"{sc}@1", {}).get("summary")
+            if not (cw and nv and cw["killed"] and nv["killed"]):
+                continue
+            r50 = ratio(cw["p50_ms"], nv["p50_ms"])
+            r99 = ratio(cw["p99_ms"], nv["p99_ms"])
+            target(f"kill {sc} 1 conn: p50 <= 1.25x, p99 <= 2x the naive relay's (same run)",
+                   r50 is not None and r50 <= 1.25 and r99 is not None and r99 <= 2
+                   and cw["survived"] == 0,
+                   f"p50 {fmt(cw['p50_ms'], 3)} vs {fmt(nv['p50_ms'], 3)} ms ({fmt(r50, 2)}x), "
+                   f"p99 {fmt(cw['p99_ms'], 3)} vs {fmt(nv['p99_ms'], 3)} ms ({fmt(r99, 2)}x), "
+                   f"median over {cw['reps']} alternating runs")
+    for n, runs in res.get("floor", {}).items():
+        cw = cwKill(f"fin@{n}")
+        if not cw or not cw["killed"]:
+            continue
+        floor99 = median([r[1] for r in runs])
+        r99 = ratio(cw["p99_ms"], floor99)
+        target(f"kill FIN {n} at once: p99 <= 1.5x the kernel floor at {n} (same run)",
+               r99 is not None and r99 <= 1.5 and cw["survived"] == 0,
+               f"p99 {fmt(cw['p99_ms'], 3)} vs {fmt(floor99, 3)} ms ({fmt(r99, 2)}x)")
     lines.append("## Targets (closewatch)\n")
     lines.append("| target | result | measured |")
     lines.append("|---|---|---|")
@@ -1318,9 +1360,16 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"), help="output directory")
     ap.add_argument("--server-python", default=sys.executable,
                     help="interpreter that runs closewatch (must import Twisted)")
-    ap.add_argument("--servers", default="closewatch,socat,tcpserver")
+    ap.add_argument("--servers", default="closewatch,naive,socat,tcpserver",
+                    help="naive is bench/naive_relay.py (a bare Twisted relay)")
     ap.add_argument("--only", default="kill,rate,spawn,throughput",
                     help="comma-separated subset of kill,rate,spawn,throughput")
+    ap.add_argument("--runs", type=int, default=0,
+                    help="repetitions of every kill cell (servers alternate within each)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="comma-separated subset of " + ",".join(SCENARIOS))
+    ap.add_argument("--concurrency", default="",
+                    help="kill concurrency levels, e.g. 1,100 (default 1,100,1000)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs in OUT/logs")
     ap.add_argument("--root", default=str(ROOT),
                     help="closewatch source tree to benchmark (default: this checkout)")
@@ -1352,6 +1401,11 @@ def main() -> int:
         "throughput_reps": 1 if q else 3,
         "survive_s": SURVIVE_S,
     }
+    if args.concurrency:
+        cfg["concurrency"] = [int(n) for n in args.concurrency.split(",")]
+    if args.runs:
+        cfg["kill_reps"] = {n: args.runs for n in cfg["concurrency"]}
+    cfg["scenarios"] = [sc for sc in SCENARIOS if sc in args.scenarios.split(",")]
     only = set(args.only.split(","))
 
     out = Path(args.out)
@@ -1368,7 +1422,7 @@ def main() -> int:
 
     servers = []
     for name in args.servers.split(","):
-        if name != "closewatch" and shutil.which(name) is None:
+        if name not in ("closewatch", "naive") and shutil.which(name) is None:
             log(f"{name} not found, skipped (apt-get install -y socat ucspi-tcp)")
             continue
         servers.append(name)
@@ -1412,6 +1466,7 @@ def main() -> int:
         "config": cfg,
         "servers": servers,
         "kill": {},
+        "floor": {},
         "rate": {},
         "spawn": {},
         "throughput": {},
@@ -1428,17 +1483,30 @@ def main() -> int:
         running = {}
         if only & {"kill", "rate", "spawn"}:
             for name in servers:
+                if not only & PEER_MEASURES.get(name, only):
+                    continue
                 running[name] = startServer(name, worker, logdir, args.server_python)
                 log(f"{name} listening on {running[name].port} (pid {running[name].pid})")
 
         if "kill" in only:
             for n in cfg["concurrency"]:
-                for sc in SCENARIOS:
+                for sc in cfg["scenarios"]:
                     for rep in range(cfg["kill_reps"][n]):
+                        if n > 1 and sc == cfg["scenarios"][0]:
+                            # The kernel's floor at this concurrency, in the
+                            # same alternation as the servers.
+                            floor = kill_floor.oneRun(n)
+                            res["floor"].setdefault(str(n), []).append(floor)
+                            log(f"kill floor n={n:<4d} rep {rep}: p50 {floor[0]:.3f} "
+                                f"p99 {floor[1]:.3f} ms")
                         for name in servers:  # interleaved: noise hits all alike
-                            if name != "closewatch" and n not in cfg["peer_concurrency"]:
+                            if name == "naive" and sc not in PEER_SCENARIOS["naive"]:
                                 continue
-                            r = killCell(running[name], sc, n, cfg["single_trials"] if name == "closewatch"
+                            if name not in ("closewatch", "naive") and n not in cfg["peer_concurrency"]:
+                                continue
+                            # The naive relay is the yardstick: as many trials as closewatch.
+                            r = killCell(running[name], sc, n, cfg["single_trials"]
+                                         if name in ("closewatch", "naive")
                                          else cfg["peer_single_trials"])
                             cell = res["kill"].setdefault(name, {}).setdefault(f"{sc}@{n}", {"reps": []})
                             cell["reps"].append(r)
@@ -1460,6 +1528,8 @@ def main() -> int:
         if "rate" in only:
             for rep in range(cfg["rate_reps"]):
                 for name in servers:
+                    if "rate" not in PEER_MEASURES.get(name, {"rate"}):
+                        continue
                     r = connRate(running[name], cfg["rate_count"])
                     res["rate"].setdefault(name, {"reps": []})["reps"].append(r)
                     log(f"rate rep {rep} {name:10s}: {fmt(r['conn_per_s'], 0)} conn/s, "
@@ -1474,6 +1544,8 @@ def main() -> int:
 
         if "spawn" in only:
             for name in servers:
+                if "spawn" not in PEER_MEASURES.get(name, {"spawn"}):
+                    continue
                 r = spawnUnderLoad(running[name], cfg["background"], cfg["spawn_rounds"],
                                    cfg["spawn_per_round"])
                 res["spawn"][name] = r
@@ -1488,6 +1560,8 @@ def main() -> int:
 
         if "throughput" in only:
             for name in servers:
+                if "throughput" not in PEER_MEASURES.get(name, {"throughput"}):
+                    continue
                 srv = startServer(name, [shutil.which("cat") or "/bin/cat"], logdir, args.server_python)
                 try:
                     reps = []
