@@ -79,7 +79,7 @@ def legs(events: list[dict], close: dict, server: int, scenario: str) -> dict | 
              for e in window if e["pid"] == server and e["event"] == "raw_syscalls:sys_enter"
              and fin <= e["ts"] < kill["ts"]]
     wake = next((e["ts"] for e in window if e["event"] == "sched:sched_wakeup"
-                 and e["ts"] >= exited), close["tExit"])
+                 and f"pid={os.getpid()} " in e["rest"] + " " and e["ts"] >= exited), close["tExit"])
     # Who had the dying worker's CPU between its exit and the client's wake-up.
     exitCpu = next(e["cpu"] for e in window if e["event"] == "sched:sched_process_exit"
                    and f"pid={worker} " in e["rest"] + " ")
@@ -123,7 +123,7 @@ def main() -> int:
              "-e", "sock:inet_sock_set_state", "--filter", ports,
              "-e", "raw_syscalls:sys_enter", "--filter", pids,
              "-e", "sched:sched_switch",
-             "-e", "sched:sched_wakeup", "--filter", f"pid == {os.getpid()}",
+             "-e", "sched:sched_wakeup", "--filter", f"pid == {os.getpid()} || comm == \"sleep\"",
              "-e", "sched:sched_process_exit"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -151,6 +151,11 @@ def main() -> int:
         perf.send_signal(2)
         perf.wait(60)
         events = parse(data)
+        if os.environ.get("KILL_PATH_DUMP"):
+            Path(os.environ["KILL_PATH_DUMP"]).write_text(
+                "\n".join(f"{e['ts']:.6f} [{e['cpu']}] {e['comm']}/{e['pid']} {e['event']} {e['rest']}"
+                          for e in events) + "\n" + repr(dict(closes)) + "\n"
+                + repr({label: (srv.pid, srv.port) for label, srv in servers}))
         print(f"{args.scenario}, {args.n} closes per server, alternating; load average "
               f"{os.getloadavg()[0]:.2f}; medians in microseconds")
         keys = ("act->fin", "fin->oncpu", "oncpu->kill", "kill->exit", "exit->notify",

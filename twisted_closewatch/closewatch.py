@@ -112,14 +112,21 @@ class EpollCloseWatch:
                 if callbacks is None:
                     continue
                 onClosed, onReset = callbacks
+                # The callback first: it kills the worker, and no bookkeeping
+                # of ours (an epoll_ctl each) may delay that.  It usually
+                # unwatches the descriptor itself; the descriptor is closed
+                # only on a later reactor iteration, so C{fd} cannot have been
+                # reused by then.
                 if events & _DEAD:
-                    self.unwatch(fd)
                     onReset()
+                    if self._callbacks.get(fd) is callbacks:
+                        self.unwatch(fd)
                 elif events & _RDHUP:
-                    # Level-triggered: keep the registration for a later
-                    # reset only, or this FIN would be reported every time.
-                    self._epoll.modify(fd, 0)
                     onClosed()
+                    if self._callbacks.get(fd) is callbacks:
+                        # Level-triggered: keep the registration for a later
+                        # reset only, or this FIN would be reported every time.
+                        self._epoll.modify(fd, 0)
             if len(ready) < 1024:
                 return
 
@@ -171,8 +178,9 @@ class PollingCloseWatch:
         for fd, events in poller.poll(0):
             callbacks = self._callbacks.get(fd)
             if callbacks is not None and events & (select.POLLHUP | select.POLLERR):
-                self.unwatch(fd)
-                callbacks[1]()
+                callbacks[1]()  # the kill first, as in EpollCloseWatch.poll
+                if self._callbacks.get(fd) is callbacks:
+                    self.unwatch(fd)
 
     def stop(self) -> None:
         self._callbacks.clear()

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import attr
 from twisted.internet import error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +45,9 @@ LINGER_SECONDS = 30.0
 #: After the others it is dead or not worth waiting for (a stopping server
 #: must not wait on a client that does not read): it gets a reset.
 _CLOSE_GRACEFULLY = frozenset({"client-closed", "max-lifetime"})
+#: Longest a gone client's connection waits for its killed worker's reap
+#: before it is closed anyway (see L{WorkerRelay.clientGone}).
+DROP_DELAY = 0.1
 #: Longest stderr line logged as one event; longer lines are cut.
 STDERR_LINE_MAX = 4096
 #: Stderr lines logged per connection per second; the rest are counted.
@@ -202,6 +210,7 @@ class WorkerRelay(Protocol):
     _clientFinished = False
     _linger: LingeringClose | None = None
     _workerReading: _WorkerReading | None = None
+    _dropCall: IDelayedCall | None = None
 
     def __init__(self, factory: CloseWatchFactory, connectionID: int) -> None:
         self.factory = factory
@@ -269,7 +278,11 @@ class WorkerRelay(Protocol):
             self._liveness.clientFinished()
             self.worker.closeStdin()
         else:
-            self.clientGone(_finReason(self._probe))
+            # The kill before the getsockopt that tells a FIN from an RST
+            # (and none at all when the close watch saw this FIN first).
+            self._killWorker()
+            if self.record.reason is None:
+                self.clientGone(_finReason(self._probe))
 
     def writeConnectionLost(self) -> None:
         """
@@ -279,12 +292,19 @@ class WorkerRelay(Protocol):
             self._linger.outputDone()
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:
+        clientWentFirst = self._workerRunning and self.record.reason is None
+        if clientWentFirst:
+            # The kill before any clean-up, and before the probing (TCP_INFO,
+            # SO_ERROR) that names the reason.
+            self._killWorker()
         self._connected = False
+        if self._dropCall is not None and self._dropCall.active():
+            self._dropCall.cancel()
         if self._linger is not None:
             self._linger.stop()
         self._unwatch()
         self._liveness.stop()
-        if self._workerRunning and self.record.goneAt is None:
+        if clientWentFirst:
             self.clientGone(self._lossReason(reason))
         if self._probe is not None:
             self._probe.close()
@@ -339,6 +359,8 @@ class WorkerRelay(Protocol):
         error still names (the transport has not read it yet).
         """
         if self._workerRunning:
+            # The kill before the SO_ERROR and TCP_INFO reads that name it.
+            self._killWorker()
             self.clientGone(liveness.lossReason(self._probe, self.factory.config))
 
     def workerStdinClosed(self) -> None:
@@ -366,6 +388,8 @@ class WorkerRelay(Protocol):
         """
         self._workerReaped = True
         if self.record.goneAt is not None:
+            if self._dropCall is not None:
+                self._dropClient()
             self.worker.loseConnection()
 
     def workerEnded(self, reason: Failure) -> None:
@@ -380,7 +404,8 @@ class WorkerRelay(Protocol):
         self.factory.workerReaped(self)
         self._liveness.stop()
         self._detachWorkerOutput()
-        if self._connected:
+        if self._connected and self.record.goneAt is None:
+            # A client found gone is being dropped by clientGone instead.
             self._closeAfterOutput()
         self._maybeFinished()
 
@@ -404,22 +429,61 @@ class WorkerRelay(Protocol):
         """
         The client is gone (or must go): kill the worker's group at once and
         drop the connection.  The first reason given is the one recorded.
+
+        The drop waits for the worker's reap (L{workerExited}), at most
+        L{DROP_DELAY}, when a C{SIGKILL} was just sent: Linux mostly wakes
+        the killed worker on this CPU, where it can only die once the server
+        blocks, and the drop (epoll updates, producers, the transport's
+        C{shutdown} and C{close}: 150-250 us, see the "Kill path" section of
+        C{bench/README.md}) would otherwise run first; in a burst of closes
+        it would also run between the kills.
         """
         if self.record.reason is not None:
             return
-        self.record.goneAt = time.monotonic()
+        self._killWorker()
         self.record.reason = reason
+        if self._workerRunning and self._workerReaped:
+            self.worker.loseConnection()
+        if not self._connected:
+            return
+        if self._workerRunning and not self._workerReaped and not self.factory.config.grace:
+            self._dropCall = self.factory.reactor.callLater(DROP_DELAY, self._dropClient)
+        else:
+            self._dropClient()
+
+    def _dropClient(self) -> None:
+        """
+        Close the connection of a client found gone: after all that was sent
+        to it if it left cleanly, else with a reset.
+        """
+        if self._dropCall is not None:
+            if self._dropCall.active():
+                self._dropCall.cancel()
+            self._dropCall = None
+        if not self._connected:
+            return
+        self._unwatch()
+        self._detachWorkerOutput()
+        if self.record.reason in _CLOSE_GRACEFULLY:
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
+
+    def _killWorker(self) -> None:
+        """
+        Signal the worker's group now, once: the first thing done whenever
+        the client is found gone.  Every other step (the reason, which may
+        take C{getsockopt} calls; unwatching; unregistering producers; the
+        transport's close; logging) waits until the signal is sent, because
+        each of them is time the worker keeps running after its client left.
+        C{record.goneAt} marks the kill (and the time latencies count from);
+        C{record.reason} is set by L{clientGone} right after.
+        """
+        if self.record.goneAt is not None:
+            return
+        self.record.goneAt = time.monotonic()
         if self._workerRunning:
             self.factory.killWorker(self.worker)
-            if self._workerReaped:
-                self.worker.loseConnection()
-        if self._connected:
-            self._unwatch()
-            self._detachWorkerOutput()
-            if reason in _CLOSE_GRACEFULLY:
-                self.transport.loseConnection()
-            else:
-                self.transport.abortConnection()
 
     def _detachWorkerOutput(self) -> None:
         """
