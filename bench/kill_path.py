@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import closewatch_bench as b  # noqa: E402
+import closewatch_bench as b
 
 #: x86_64 numbers of the system calls that show up around a kill.
 SYSCALLS = {
@@ -47,7 +47,7 @@ _LINE = re.compile(r"^\s*(?P<comm>.+?)\s+(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?P<t
 
 
 def parse(path: Path) -> list[dict]:
-    out = subprocess.run(["perf", "script", "-i", str(path)], capture_output=True, text=True)
+    out = subprocess.run(["perf", "script", "-i", str(path)], capture_output=True, text=True, check=True)
     events = []
     for line in out.stdout.splitlines():
         m = _LINE.match(line)
@@ -167,6 +167,9 @@ def main() -> int:
                 print(f"{label:24s} no complete trace")
                 continue
             med = [statistics.median(r[k] for r in rows) * 1e6 for k in keys]
+            if os.environ.get("KILL_PATH_ROWS"):
+                for r in sorted(rows, key=lambda r: r["total"]):
+                    print("   ", " ".join(f"{r[k] * 1e6:6.0f}" for k in keys))
             same = sum(r["sameCpu"] for r in rows)
             print(f"{label:24s} {len(rows):6d} " + " ".join(f"{m:11.0f}" for m in med) + f"  {same}/{len(rows)}")
             for title, key in (("FIN -> kill", "calls"), ("kill -> worker exit", "after"),

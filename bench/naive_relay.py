@@ -10,7 +10,7 @@ no flow control, no half-close.
 
 import sys
 
-from twisted.internet import endpoints, protocol, reactor
+from twisted.internet import endpoints, error, protocol, reactor
 
 
 class Worker(protocol.ProcessProtocol):
@@ -35,7 +35,7 @@ class Relay(protocol.Protocol):
     def connectionLost(self, reason):
         try:
             self.worker.signalProcess("KILL")
-        except Exception:
+        except error.ProcessExitedAlready:
             pass
 
 
