@@ -773,6 +773,32 @@ def killCell(server: Server, scenario: str, n: int, trials: int) -> dict:
     }
 
 
+def killCellsAlternating(servers: dict[str, Server], scenario: str, trials: int) -> dict[str, dict]:
+    """
+    One repetition of the single-connection cell for several servers, their
+    trials interleaved one by one, so that a burst of load on this shared
+    machine hits them all alike.
+    """
+    reps: dict[str, list[dict]] = {name: [] for name in servers}
+    for _ in range(trials):
+        for name, server in servers.items():
+            reps[name].append(killCell(server, scenario, 1, 1))
+    out = {}
+    for name, cells in reps.items():
+        lat = [x for c in cells for x in c["samples_ms"]]
+        merged = dict(cells[0])
+        for key in ("connections", "failed", "killed", "survived"):
+            merged[key] = sum(c[key] for c in cells)
+        merged.update(
+            p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99),
+            max_ms=max(lat) if lat else None, samples_ms=lat,
+            setup_s=round(sum(c["setup_s"] for c in cells), 3),
+            survivor_server_states=_mergeCounts([c["survivor_server_states"] for c in cells]),
+        )
+        out[name] = merged
+    return out
+
+
 # --------------------------------------------------------------------------
 # 2. Connection rate and spawn latency
 
@@ -1368,6 +1394,11 @@ def main() -> int:
                     help="repetitions of every kill cell (servers alternate within each)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help="comma-separated subset of " + ",".join(SCENARIOS))
+    ap.add_argument("--alternate", action="store_true",
+                    help="single-connection kill trials of closewatch and the naive relay "
+                         "interleaved one by one (fairest on a busy machine)")
+    ap.add_argument("--trials", type=int, default=0,
+                    help="single-connection trials per repetition (default 50, 20 with --quick)")
     ap.add_argument("--concurrency", default="",
                     help="kill concurrency levels, e.g. 1,100 (default 1,100,1000)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs in OUT/logs")
@@ -1405,6 +1436,9 @@ def main() -> int:
         cfg["concurrency"] = [int(n) for n in args.concurrency.split(",")]
     if args.runs:
         cfg["kill_reps"] = {n: args.runs for n in cfg["concurrency"]}
+    if args.trials:
+        cfg["single_trials"] = args.trials
+    cfg["alternate"] = args.alternate
     cfg["scenarios"] = [sc for sc in SCENARIOS if sc in args.scenarios.split(",")]
     only = set(args.only.split(","))
 
@@ -1499,15 +1533,21 @@ def main() -> int:
                             res["floor"].setdefault(str(n), []).append(floor)
                             log(f"kill floor n={n:<4d} rep {rep}: p50 {floor[0]:.3f} "
                                 f"p99 {floor[1]:.3f} ms")
+                        # Servers that kill: trial by trial (--alternate) or
+                        # cell by cell.  The naive relay is the yardstick: as
+                        # many trials as closewatch.
+                        killers = {name: running[name] for name in servers
+                                   if name == "closewatch" or sc in PEER_SCENARIOS.get(name, ())}
+                        together = (killCellsAlternating(killers, sc, cfg["single_trials"])
+                                    if args.alternate and n == 1 and len(killers) > 1 else {})
                         for name in servers:  # interleaved: noise hits all alike
                             if name == "naive" and sc not in PEER_SCENARIOS["naive"]:
                                 continue
                             if name not in ("closewatch", "naive") and n not in cfg["peer_concurrency"]:
                                 continue
-                            # The naive relay is the yardstick: as many trials as closewatch.
-                            r = killCell(running[name], sc, n, cfg["single_trials"]
-                                         if name in ("closewatch", "naive")
-                                         else cfg["peer_single_trials"])
+                            r = together.get(name) or killCell(
+                                running[name], sc, n,
+                                cfg["single_trials"] if name in killers else cfg["peer_single_trials"])
                             cell = res["kill"].setdefault(name, {}).setdefault(f"{sc}@{n}", {"reps": []})
                             cell["reps"].append(r)
                             log(f"kill {sc:6s} n={n:<4d} rep {rep} {name:10s}: "

@@ -105,6 +105,9 @@ def main() -> int:
     ap.add_argument("--scenario", default="fin", choices=("fin", "rst", "half"))
     ap.add_argument("--old", action="append", default=[], help="another closewatch tree")
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--settle", type=float, default=0.01,
+                    help="seconds between reading the PID line and the close (0: at once, "
+                         "as closewatch_bench.py does)")
     args = ap.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="closewatch-killpath-"))
     servers: list[tuple[str, b.Server]] = []
@@ -137,7 +140,7 @@ def main() -> int:
                 c = conns[0]
                 tracker = b.ExitTracker()
                 tracker.add(c)
-                time.sleep(0.01)
+                time.sleep(args.settle)
                 b._act(c, args.scenario)
                 tracker.waitFor(c, 1.0)
                 tracker.close()

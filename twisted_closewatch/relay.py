@@ -436,7 +436,9 @@ class WorkerRelay(Protocol):
         blocks, and the drop (epoll updates, producers, the transport's
         C{shutdown} and C{close}: 150-250 us, see the "Kill path" section of
         C{bench/README.md}) would otherwise run first; in a burst of closes
-        it would also run between the kills.
+        it would also run between the kills.  For the same reason the
+        client is no longer read meanwhile: when the close watch saw the FIN
+        or RST, the reactor need not read it again.
         """
         if self.record.reason is not None:
             return
@@ -447,6 +449,7 @@ class WorkerRelay(Protocol):
         if not self._connected:
             return
         if self._workerRunning and not self._workerReaped and not self.factory.config.grace:
+            self.pauseClient()
             self._dropCall = self.factory.reactor.callLater(DROP_DELAY, self._dropClient)
         else:
             self._dropClient()
