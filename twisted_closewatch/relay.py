@@ -390,6 +390,7 @@ class WorkerRelay(Protocol):
         if self.record.goneAt is not None:
             if self._dropCall is not None:
                 self._dropClient()
+            self.worker.drainStderr()
             self.worker.loseConnection()
 
     def workerEnded(self, reason: Failure) -> None:
@@ -437,8 +438,9 @@ class WorkerRelay(Protocol):
         C{shutdown} and C{close}: 150-250 us, see the "Kill path" section of
         C{bench/README.md}) would otherwise run first; in a burst of closes
         it would also run between the kills.  For the same reason the
-        client is no longer read meanwhile: when the close watch saw the FIN
-        or RST, the reactor need not read it again.
+        client is no longer read meanwhile (when the close watch saw the FIN
+        or RST, the reactor need not read it again), nor the worker's pipes,
+        whose closing by the dying worker would wake the server ahead of it.
         """
         if self.record.reason is not None:
             return
@@ -450,6 +452,7 @@ class WorkerRelay(Protocol):
             return
         if self._workerRunning and not self._workerReaped and not self.factory.config.grace:
             self.pauseClient()
+            self.worker.mute()
             self._dropCall = self.factory.reactor.callLater(DROP_DELAY, self._dropClient)
         else:
             self._dropClient()

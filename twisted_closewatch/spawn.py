@@ -136,6 +136,20 @@ class _WorkerOutput(process.ProcessReader):
         self.dataReceived(data)
         return None
 
+    def drain(self, reads: int = 16) -> None:
+        """
+        Deliver what is in the pipe now, without waiting for more (at most
+        C{reads} reads: a process outside the group may still be writing).
+        """
+        for _ in range(reads):
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            self.dataReceived(data)
+
 
 @implementer(IReadDescriptor)
 class _ExitNotifier:
@@ -281,6 +295,28 @@ class WorkerProcess(process.Process):
         elif pid in process.reapProcessHandlers:
             process.unregisterReapProcessHandler(pid, self)
         self.processEnded(status)
+
+    def mute(self) -> None:
+        """
+        Stop watching the pipes of a worker that was just sent C{SIGKILL}.
+        Its exit closes them before it wakes its pidfd, and each close would
+        wake the reactor, which Linux then runs ahead of the dying worker on
+        its CPU (see the "Kill path" section of C{bench/README.md}): the
+        pidfd is what tells of the exit.  Once the worker is reaped,
+        L{drainStderr} delivers its last words and C{loseConnection} ends the
+        pipes.
+        """
+        for pipe in self.pipes.values():
+            pipe.stopReading()
+            pipe.stopWriting()
+
+    def drainStderr(self) -> None:
+        """
+        Deliver what the worker wrote to its stderr and was not read yet.
+        """
+        stderr = self.pipes.get(2)
+        if isinstance(stderr, _WorkerOutput):
+            stderr.drain()
 
     def signalProcess(self, signalID: str | int) -> None:
         """

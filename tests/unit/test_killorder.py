@@ -45,7 +45,7 @@ class _Worker:
 
     def __init__(self) -> None:
         self.pipes = {0: _Pipe(), 1: _Pipe(), 2: _Pipe()}
-        self.lost = False
+        self.lost = self.muted = self.drained = False
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         pass
@@ -58,6 +58,12 @@ class _Worker:
 
     def loseConnection(self) -> None:
         self.lost = True
+
+    def mute(self) -> None:
+        self.muted = True
+
+    def drainStderr(self) -> None:
+        self.drained = True
 
 
 class _Probe:
@@ -243,6 +249,8 @@ class RelayDropAfterReapTests(TestCase):
         self.assertEqual(
             recorder.calls, ["kill", "unwatch", "unregisterProducer", "loseConnection"]
         )
+        self.assertTrue(factory.worker.muted)
+        self.assertTrue(factory.worker.drained)
         self.assertTrue(factory.worker.lost)
         self.assertEqual(factory.reactor.getDelayedCalls(), [])
 
@@ -273,6 +281,7 @@ class RelayDropAfterReapTests(TestCase):
         self.assertEqual(
             recorder.calls, ["kill", "unwatch", "unregisterProducer", "loseConnection"]
         )
+        self.assertFalse(factory.worker.muted)
         self.assertEqual(factory.reactor.getDelayedCalls(), [])
 
     def test_lostBeforeReap(self) -> None:
