@@ -8,6 +8,7 @@ follows.  See the "Kill path" section of C{bench/README.md} for why.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from twisted_closewatch.config import Config
 from twisted_closewatch.relay import DROP_DELAY, WorkerRelay
+from twisted_closewatch.spawn import _WorkerOutput
 
 
 class _Recorder:
@@ -309,3 +311,29 @@ class RelayDropAfterReapTests(TestCase):
         relay.workerExited()
         relay.workerEnded(Failure(ProcessTerminated(signal=9)))
         self.assertIsNone(relay._linger)
+
+
+class StderrDrainTests(TestCase):
+    """
+    A killed worker's pipes are not watched until its reap; then what it
+    wrote to stderr and was not read yet is still delivered.
+    """
+
+    def test_drain(self) -> None:
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        os.write(writeEnd, b"last words\n")
+        received: list[tuple[int, bytes]] = []
+
+        class Proc:
+            def childDataReceived(self, name: int, data: bytes) -> None:
+                received.append((name, data))
+
+        reader = _WorkerOutput(MemoryReactorClock(), Proc(), 2, readEnd)
+        reader.drain()
+        self.assertEqual(received, [(2, b"last words\n")])
+        # Nothing more: no blocking, no second delivery; EOF ends it too.
+        reader.drain()
+        os.close(writeEnd)
+        reader.drain()
+        self.assertEqual(received, [(2, b"last words\n")])
