@@ -387,11 +387,12 @@ class WorkerRelay(Protocol):
         needs the rest, so stop waiting for it.
         """
         self._workerReaped = True
-        if self.record.goneAt is not None:
+        worker = self.worker
+        if self.record.goneAt is not None and worker is not None:
             if self._dropCall is not None:
                 self._dropClient()
-            self.worker.drainStderr()
-            self.worker.loseConnection()
+            worker.drainStderr()
+            worker.loseConnection()
 
     def workerEnded(self, reason: Failure) -> None:
         self._workerRunning = False
@@ -450,9 +451,15 @@ class WorkerRelay(Protocol):
             self.worker.loseConnection()
         if not self._connected:
             return
-        if self._workerRunning and not self._workerReaped and not self.factory.config.grace:
+        worker = self.worker
+        if (
+            worker is not None
+            and self._workerRunning
+            and not self._workerReaped
+            and not self.factory.config.grace
+        ):
             self.pauseClient()
-            self.worker.mute()
+            worker.mute()
             self._dropCall = self.factory.reactor.callLater(DROP_DELAY, self._dropClient)
         else:
             self._dropClient()
