@@ -76,7 +76,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.reliability import readUntilClosed  # noqa: E402
-from tests.support import children, isGuardian, readLine, rssKiB  # noqa: E402
+from tests.support import children, readLine, rssKiB, workers  # noqa: E402
 
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 MiB = 1024 * 1024
@@ -295,7 +295,7 @@ class Server:
         return len(self.ends)
 
     def workers(self) -> list[int]:
-        return [p for p in children(self.pid) if not isGuardian(p)]
+        return workers(self.pid)
 
     def zombies(self) -> list[int]:
         return [p for p in children(self.pid) if (procStat(p) or ("?",))[0] == "Z"]

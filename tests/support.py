@@ -169,22 +169,45 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def commandLine(pid: int) -> bytes | None:
+    """
+    C{pid}'s command line as the kernel shows it, or C{None} once it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def isGuardian(pid: int) -> bool:
     """
     Whether C{pid} is a server's guardian process.
     """
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"guardianprocess.py" in f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    return b"guardianprocess.py" in (commandLine(pid) or b"")
 
 
-def workers(serverPID: int) -> list[int]:
+def workers(serverPID: int, timeout: float = 5.0) -> list[int]:
     """
     The server's children that are workers (not its guardian).
+
+    Until it has called C{exec}, a child still shows the server's command
+    line, and a guardian being started cannot be told from a worker: such
+    children are waited for (C{timeout} at most), never guessed at.
     """
-    return [p for p in children(serverPID) if not isGuardian(p)]
+    server = commandLine(serverPID)
+
+    def settled() -> tuple[list[int]] | None:
+        found = []
+        for pid in children(serverPID):
+            command = commandLine(pid)
+            if command is not None and command == server:
+                return None
+            if command is not None and not isGuardian(pid):
+                found.append(pid)
+        return (found,)
+
+    return wait(settled, timeout, 0.001)[0]
 
 
 class Server:
