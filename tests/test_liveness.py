@@ -329,6 +329,13 @@ _DEAD_PEER: dict[str, dict[str, Any]] = {
         "args": [*FAST_KEEPALIVE, "--user-timeout", "0"],
         "expect": "keepalive",
     },
+    # The three keepalive options alone: the user timeout follows them
+    # (1 + 1 * 2 = 3 s) instead of overriding the count.
+    "keepalive-only": {
+        "netns": True,
+        "args": FAST_KEEPALIVE,
+        "expect": "keepalive",
+    },
     # The same while the relay is paused: the close watch sees the error.
     "keepalive-paused": {
         "netns": True,
@@ -452,6 +459,14 @@ class DeadPeerTests(TestCase):
         interval (3 s) of silence.
         """
         self.assertGone("keepalive", "keepalive", 1.5, 4.5)
+
+    def test_keepaliveOptionsAlone(self) -> None:
+        """
+        With only the three keepalive options given, they act as set: the
+        user timeout derived from them does not hold the dead client longer
+        than idle + count * interval (3 s).
+        """
+        self.assertGone("keepalive-only", "keepalive", 1.5, 3.5)
 
     def test_keepalivePaused(self) -> None:
         """
@@ -775,13 +790,13 @@ class OptionTests(TestCase):
             (config.keepalive, config.keepaliveIdle, config.keepaliveInterval,
              config.keepaliveCount, config.userTimeout, config.heartbeat,
              config.heartbeatData, config.idleTimeout),
-            (True, 60, 10, 5, 120, 0, b"\n", 0),
+            (True, 60, 10, 6, 120, 0, b"\n", 0),
         )
-        # With the user timeout set, Linux drops a dead idle client after
-        # 60 + 10 * 6 = 120 s, not 60 + 10 * 5 = 110 s.
+        # The user timeout agrees with the keepalive settings: a dead idle
+        # client goes after 60 + 10 * 6 = 120 s either way.
         self.assertEqual(liveness.keepaliveDeadline(config), 120)
         self.assertEqual(
-            liveness.keepaliveDeadline(Config(keepalive=True, userTimeout=0)), 110
+            liveness.keepaliveDeadline(Config(keepalive=True, userTimeout=0)), 120
         )
 
     def test_values(self) -> None:
@@ -852,7 +867,7 @@ class WarningTests(TestCase):
 
     def test_unixEndpoint(self) -> None:
         path = os.path.abspath(self.mktemp())
-        server = Server(["--listen", f"unix:{path}"], PID_WORKER)
+        server = Server(["--listen", f"unix:{path}", "--keepalive-idle", "30"], PID_WORKER)
         self.addCleanup(server.cleanup)
 
         def warnings() -> list[str]:

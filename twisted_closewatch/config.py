@@ -13,6 +13,10 @@ import sys
 import attr
 
 
+#: The longest C{TCP_USER_TIMEOUT} Linux takes: milliseconds in a C int.
+MAX_USER_TIMEOUT = 2**31 // 1000
+
+
 def defaultCommand() -> tuple[str, ...]:
     """
     The embedded SQL worker, run by the interpreter running the server.
@@ -34,7 +38,10 @@ class Config:
     @ivar keepaliveInterval: seconds between probes.
     @ivar keepaliveCount: unanswered probes before the peer is dead.
     @ivar userTimeout: seconds sent data may stay unacknowledged (Linux
-        C{TCP_USER_TIMEOUT}); 0 leaves the kernel default.
+        C{TCP_USER_TIMEOUT}); 0 leaves the kernel default.  By default
+        C{keepaliveIdle + keepaliveInterval * keepaliveCount}: Linux ignores
+        the keepalive count while a user timeout is set, so the two must
+        agree for the keepalive settings to act as given.
     @ivar heartbeat: seconds without output to the client after which
         C{heartbeatData} is written; 0 is off.
     @ivar idleTimeout: seconds without input from the client after which it
@@ -65,8 +72,8 @@ class Config:
     keepalive: bool = True
     keepaliveIdle: int = 60
     keepaliveInterval: int = 10
-    keepaliveCount: int = 5
-    userTimeout: float = 120
+    keepaliveCount: int = 6
+    userTimeout: float = attr.ib()
     heartbeat: float = 0
     heartbeatData: bytes = b"\n"
     idleTimeout: float = 0
@@ -84,3 +91,9 @@ class Config:
         default=(), converter=tuple
     )
     maxRatePerPeer: int = 0
+
+    @userTimeout.default
+    def _keepaliveAgrees(self) -> float:
+        return min(
+            self.keepaliveIdle + self.keepaliveInterval * self.keepaliveCount, MAX_USER_TIMEOUT
+        )

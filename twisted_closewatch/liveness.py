@@ -281,15 +281,22 @@ def applySocketOptions(sock: socket.socket, config: Config) -> None:
             pass
 
 
-def platformWarnings(config: Config, endpoints: Iterable[Any] = ()) -> list[str]:
+def platformWarnings(
+    config: Config, endpoints: Iterable[Any] = (), keepaliveGiven: bool = True
+) -> list[str]:
     """
     What C{config} asks for that this platform, or the endpoints listened
     on, cannot do: one line each, to be logged once at start-up.
 
     @param endpoints: L{IStreamServerEndpoint}s, or C{(description,
         endpoint)} pairs to name them in the warning.
+    @param keepaliveGiven: whether keepalive or the user timeout were asked
+        for, rather than left at their defaults: only then is a setting that
+        cannot apply worth a warning.
     """
-    warnings = []
+    warnings: list[str] = []
+    if not keepaliveGiven:
+        return warnings
     if config.keepalive and None in (_KEEPIDLE, _KEEPINTVL, _KEEPCNT):
         warnings.append("this platform cannot tune keepalive timers; kernel defaults apply")
     if config.userTimeout and _USER_TIMEOUT is None:
@@ -300,7 +307,7 @@ def platformWarnings(config: Config, endpoints: Iterable[Any] = ()) -> list[str]
             name = description or type(endpoint).__name__
             warnings.append(
                 f"--keepalive and --user-timeout do not apply to the unix socket "
-                f"endpoint {name!r}; ignored there (--no-keepalive silences this)"
+                f"endpoint {name!r}; ignored there"
             )
     return warnings
 

@@ -12,12 +12,15 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import attr
 
 from twisted.python import usage
 
 from twisted_closewatch import access, handshake, metrics, proxy
-from twisted_closewatch.config import Config, defaultCommand
+from twisted_closewatch.config import MAX_USER_TIMEOUT, Config, defaultCommand
 
 DEFAULT_LISTEN = "tcp:8787:interface=127.0.0.1"
 
@@ -91,6 +94,50 @@ def resolveCommand(name: str) -> str:
     return os.path.abspath(found)
 
 
+def _default(name: str) -> Any:
+    """
+    The default of L{Config}'s field C{name}, for the help text.
+    """
+    return attr.fields_dict(Config)[name].default
+
+
+def _naming(option: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    C{parse}, its usage errors naming C{--option}: L{usage.Options} reports
+    a coercer's error as it is, without the option it was given to.
+    """
+
+    def parseOption(text: str) -> Any:
+        try:
+            return parse(text)
+        except usage.UsageError as e:
+            if f"--{option}" in str(e):
+                raise
+            raise usage.UsageError(f"--{option}: {e}") from None
+
+    return parseOption
+
+
+def _namingTheirOption(parameters: Sequence[list[Any]]) -> list[list[Any]]:
+    """
+    C{optParameters} rows, every coercer wrapped by L{_naming}.
+    """
+    return [
+        [*row[:4], _naming(row[0], row[4]), *row[5:]] if len(row) > 4 else row
+        for row in parameters
+    ]
+
+
+#: The liveness options whose value, when given, goes into L{Config} as is
+#: (when not given, L{Config}'s default applies).
+_KEEPALIVE = {
+    "keepalive-idle": "keepaliveIdle",
+    "keepalive-interval": "keepaliveInterval",
+    "keepalive-count": "keepaliveCount",
+    "user-timeout": "userTimeout",
+}
+
+
 class Options(usage.Options):
     """
     twistd closewatch [OPTIONS] [-- COMMAND [ARG ...]]
@@ -111,7 +158,7 @@ class Options(usage.Options):
         ["no-keepalive", None, "Turn off TCP keepalive on client sockets."],
     ]
 
-    optParameters = [
+    optParameters = _namingTheirOption([
         [
             "half-close",
             None,
@@ -131,35 +178,40 @@ class Options(usage.Options):
         [
             "keepalive-idle",
             None,
-            60,
-            "Seconds of silence before the first keepalive probe (whole, 1-32767).",
+            None,
+            "Seconds of silence before the first keepalive probe (whole, 1-32767). "
+            f"[default: {_default('keepaliveIdle')}]",
             lambda v: parseWholeNumber(v, minimum=1, maximum=32767, what="--keepalive-idle"),
         ],
         [
             "keepalive-interval",
             None,
-            10,
-            "Seconds between keepalive probes (whole, 1-32767).",
+            None,
+            "Seconds between keepalive probes (whole, 1-32767). "
+            f"[default: {_default('keepaliveInterval')}]",
             lambda v: parseWholeNumber(v, minimum=1, maximum=32767, what="--keepalive-interval"),
         ],
         [
             "keepalive-count",
             None,
-            5,
+            None,
             "Unanswered keepalive probes before the client is dead (1-127); "
-            "on Linux ignored while --user-timeout is set, which then decides.",
+            "Linux ignores it under an explicit --user-timeout, which then "
+            f"decides. [default: {_default('keepaliveCount')}]",
             lambda v: parseWholeNumber(v, minimum=1, maximum=127, what="--keepalive-count"),
         ],
         [
             "user-timeout",
             None,
-            120.0,
+            None,
             "Seconds sent data may stay unacknowledged (or the client's window "
             "closed) before the client is dead (Linux TCP_USER_TIMEOUT, "
-            "millisecond precision). It also replaces --keepalive-count: an "
-            "idle dead client goes at the first probe at or after this many "
-            "seconds of silence (defaults: 120 s). 0 = kernel default.",
-            lambda v: parseSeconds(v, maximum=2**31 // 1000),
+            "millisecond precision); 0 = kernel default. Linux then also ends "
+            "an idle dead client at the first keepalive probe at or after it. "
+            "[default: --keepalive-idle + --keepalive-interval x "
+            f"--keepalive-count, so that both agree: {Config().userTimeout:g} "
+            "with their defaults]",
+            lambda v: parseSeconds(v, maximum=MAX_USER_TIMEOUT),
         ],
         [
             "heartbeat",
@@ -263,7 +315,7 @@ class Options(usage.Options):
             "A Twisted server endpoint serving Prometheus metrics over HTTP at "
             "/metrics, e.g. tcp:9787:interface=127.0.0.1 (needs prometheus_client).",
         ],
-    ]
+    ])
 
     def __init__(self) -> None:
         super().__init__()
@@ -318,6 +370,9 @@ class Options(usage.Options):
             )
         if self["keepalive"] and self["no-keepalive"]:
             raise usage.UsageError("--keepalive and --no-keepalive contradict each other")
+        self["keepalive-given"] = bool(self["keepalive"]) or any(
+            self[name] is not None for name in _KEEPALIVE
+        )
         if self["heartbeat"] and not self["heartbeat-data"]:
             raise usage.UsageError("--heartbeat-data must not be empty with --heartbeat on")
         if self["read-ahead"] < 4096:
@@ -353,10 +408,7 @@ class Options(usage.Options):
             halfClose=self["half-close"],
             readAhead=self["read-ahead"],
             keepalive=not self["no-keepalive"],
-            keepaliveIdle=self["keepalive-idle"],
-            keepaliveInterval=self["keepalive-interval"],
-            keepaliveCount=self["keepalive-count"],
-            userTimeout=self["user-timeout"],
+            **{field: self[name] for name, field in _KEEPALIVE.items() if self[name] is not None},
             heartbeat=self["heartbeat"],
             heartbeatData=self["heartbeat-data"],
             idleTimeout=self["idle-timeout"],

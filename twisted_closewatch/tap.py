@@ -27,7 +27,11 @@ def makeService(options: Options) -> IService:
     # Logged before twistd starts its log observers: Twisted buffers these
     # and emits them once logging begins.
     for warning in [
-        *liveness.platformWarnings(options["config"], zip(options["listen"], options["endpoints"])),
+        *liveness.platformWarnings(
+            options["config"],
+            zip(options["listen"], options["endpoints"]),
+            options["keepalive-given"],
+        ),
         *options["warnings"],
     ]:
         log.warn("{warning}", warning=warning)
