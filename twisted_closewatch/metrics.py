@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
+
+from twisted_closewatch.listening import Listener
 
 try:
     import prometheus_client
@@ -162,13 +163,12 @@ class ServerMetrics:
         root.putChild(b"metrics", MetricsResource(registry=self.registry))
         return root
 
-    def service(self, endpoint: IStreamServerEndpoint) -> IService:
+    def service(self, endpoint: IStreamServerEndpoint, name: str = "--metrics") -> IService:
         """
-        A service serving L{resource} over HTTP on C{endpoint}.
+        A service serving L{resource} over HTTP on C{endpoint}, named
+        C{name} in errors.
         """
-        listener = StreamServerEndpointService(endpoint, _MetricsSite(self.resource()))
-        listener._raiseSynchronously = True
-        return listener
+        return Listener(endpoint, _MetricsSite(self.resource()), name)
 
 
 class _MetricsSite(Site):

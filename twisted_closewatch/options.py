@@ -24,6 +24,10 @@ from twisted_closewatch.config import MAX_USER_TIMEOUT, Config, defaultCommand
 
 DEFAULT_LISTEN = "tcp:8787:interface=127.0.0.1"
 
+#: How to install the production extra (Prometheus, TLS): from a checkout,
+#: since the project is not on a package index.
+_PRODUCTION_EXTRA = "pip install '.[production]' in a closewatch checkout"
+
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -391,7 +395,7 @@ class Options(usage.Options):
             if not metrics.available():
                 raise usage.UsageError(
                     "--metrics needs prometheus_client: "
-                    "pip install 'twisted-closewatch[production]'"
+                    f"{_PRODUCTION_EXTRA}, or pip install prometheus_client"
                 )
             self["metrics-endpoint"] = _parseEndpoint(self["metrics"], "--metrics")
         else:
@@ -470,8 +474,30 @@ def _parseEndpoint(description: str, option: str = "--listen") -> Any:
         if kind.lower() == "ssl":
             return handshake.FrontDoorEndpoint(endpoint, handshake.TLSGateFactory)
         return endpoint
+    except ImportError as e:
+        if e.name != "OpenSSL":
+            raise
+        raise usage.UsageError(
+            f"{option} {description!r}: TLS needs pyOpenSSL: "
+            f"{_PRODUCTION_EXTRA}, or pip install 'twisted[tls]'"
+        )
     except Exception as e:
-        raise usage.UsageError(f"{option} {description!r}: {e or type(e).__name__}")
+        raise usage.UsageError(f"{option} {description!r}: {_endpointError(e)}")
+
+
+_NOT_AN_INT = re.compile(r"^invalid literal for int\(\) with base 10: (.*)$")
+
+
+def _endpointError(error: Exception) -> str:
+    """
+    What is wrong with an endpoint description, from what Twisted's parser
+    raised: C{int()}'s own words for a port or a backlog that is no number
+    say so in the user's terms.
+    """
+    match = _NOT_AN_INT.match(str(error))
+    if match:
+        return f"{match.group(1)} is not a whole number"
+    return str(error) or type(error).__name__
 
 
 def _serverFromString(endpoints: Any, reactor: Any, description: str) -> Any:

@@ -10,7 +10,6 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -18,26 +17,44 @@ from twisted.logger import Logger
 
 from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.guardian import Guardian
+from twisted_closewatch.listening import Listener
 
 log = Logger()
 
 
 class CloseWatchService(MultiService):
     """
-    Serves C{factory} on every endpoint in C{endpoints}.
+    Serves C{factory} on every endpoint in C{endpoints}, with a guardian
+    that kills the workers if the server process dies.
+
+    @param names: how each endpoint is named in errors, as the user wrote it
+        (C{--listen 'tcp:8787'}); by default its C{repr}.
     """
 
     def __init__(
-        self, factory: CloseWatchFactory, endpoints: Iterable[IStreamServerEndpoint]
+        self,
+        factory: CloseWatchFactory,
+        endpoints: Iterable[IStreamServerEndpoint],
+        names: Iterable[str] | None = None,
     ) -> None:
         super().__init__()
         self.factory = factory
-        for endpoint in endpoints:
-            listener = StreamServerEndpointService(endpoint, factory)
-            # A port that cannot be bound is a start-up error, not a log line.
-            listener._raiseSynchronously = True
-            listener.setServiceParent(self)
+        endpoints = list(endpoints)
+        for endpoint, name in zip(endpoints, names or map(repr, endpoints), strict=True):
+            Listener(endpoint, factory, name).setServiceParent(self)
         self.guardian = Guardian(factory.reactor)
+
+    def bind(self) -> None:
+        """
+        Listen on every endpoint now, before the service starts; twistd's
+        C{makeService} does it before daemonizing (see
+        L{twisted_closewatch.listening}).
+
+        @raise twisted_closewatch.listening.CannotListen: an endpoint refused.
+        """
+        for child in self:
+            if isinstance(child, Listener):
+                child.bind()
 
     def startService(self) -> None:
         """

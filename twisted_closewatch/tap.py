@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted_closewatch import liveness
 from twisted_closewatch import metrics
 from twisted_closewatch.factory import CloseWatchFactory
+from twisted_closewatch.listening import CannotListen
 from twisted_closewatch.options import Options
 from twisted_closewatch.service import CloseWatchService
 
@@ -20,7 +21,11 @@ log = Logger()
 
 def makeService(options: Options) -> IService:
     """
-    A L{CloseWatchService} for the parsed C{options}.
+    A L{CloseWatchService} for the parsed C{options}, listening already.
+
+    twistd calls this before it daemonizes: a port that cannot be bound is
+    one line on the user's terminal and exit status 1, with or without
+    C{-n} (see L{twisted_closewatch.listening}).
     """
     from twisted.internet import reactor
 
@@ -39,7 +44,15 @@ def makeService(options: Options) -> IService:
     if options["metrics-endpoint"] is not None:
         serverMetrics = metrics.ServerMetrics()
     factory = CloseWatchFactory(options["config"], reactor, serverMetrics)
-    service = CloseWatchService(factory, options["endpoints"])
+    service = CloseWatchService(
+        factory, options["endpoints"], [f"--listen {d!r}" for d in options["listen"]]
+    )
     if serverMetrics is not None:
-        serverMetrics.service(options["metrics-endpoint"]).setServiceParent(service)
+        serverMetrics.service(
+            options["metrics-endpoint"], f"--metrics {options['metrics']!r}"
+        ).setServiceParent(service)
+    try:
+        service.bind()
+    except CannotListen as e:
+        raise SystemExit(f"closewatch: {e}")
     return service
