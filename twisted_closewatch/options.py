@@ -10,16 +10,19 @@ from __future__ import annotations
 import codecs
 import math
 import os
+import platform
 import re
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attr
 
+import twisted
 from twisted.python import usage
 
-from twisted_closewatch import access, handshake, metrics, proxy
+from twisted_closewatch import __version__, access, handshake, metrics, proxy
 from twisted_closewatch.config import MAX_USER_TIMEOUT, Config, defaultCommand
 
 DEFAULT_LISTEN = "tcp:8787:interface=127.0.0.1"
@@ -341,6 +344,16 @@ class Options(usage.Options):
         Refuse clients from this network (repeatable, IPv4 or IPv6); deny wins over --allow.
         """
         self["deny"].append(_parseNetwork(network, "--deny"))
+
+    def opt_version(self) -> None:
+        """
+        Print closewatch's version, Twisted's and Python's, and exit.
+        """
+        print(
+            f"closewatch {__version__} (Twisted {twisted.__version__}, "
+            f"Python {platform.python_version()})"
+        )
+        sys.exit(0)
 
     def opt_listen(self, description: str) -> None:
         """
