@@ -70,6 +70,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Callable, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +145,13 @@ def fdTargets(pid: int) -> dict[int, str]:
         except OSError:
             pass
     return targets
+
+
+def _epoch(isoTime: str) -> float:
+    """
+    Seconds since the epoch of a JSON log line's C{time}.
+    """
+    return datetime.fromisoformat(isoTime).timestamp()
 
 
 def uptime() -> float:
@@ -278,16 +286,15 @@ class Server:
                     event = json.loads(line)
                 except ValueError:
                     continue
-                text = event.get("log_text", "")
+                text = event.get("text", "")
                 match = re.match(r"(\w+) starting on (\d+)$", text)
                 if match:
                     # The metrics endpoint is an HTTP site, whatever its name.
                     key = "metrics" if "Site" in match.group(1) else match.group(1)
                     self.ports.setdefault(key, int(match.group(2)))
                 if "kill_latency_ms" in event and "reason" in event:
-                    event.pop("log_flattened", None)
                     self.ends.append(event)
-                if "log_failure" in event or event.get("isError") == 1 or "Traceback" in text:
+                if "traceback" in event or event.get("level") == "critical" or "Traceback" in text:
                     self.failures.append(event)
 
     def endCount(self) -> int:
@@ -887,7 +894,7 @@ class Soak:
             byConnection = {e["connection_id"]: e for e in server.ends}
             for e in server.ends:
                 if e.get("pid") is not None:
-                    reapedAt[e["pid"]] = max(reapedAt.get(e["pid"], 0.0), e["log_time"] - bootOffset)
+                    reapedAt[e["pid"]] = max(reapedAt.get(e["pid"], 0.0), _epoch(e["time"]) - bootOffset)
             matched = set()
             for o in self.outcomes:
                 if o.server != name or o.pid is None:

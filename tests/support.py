@@ -256,7 +256,7 @@ class Server:
         if self.process.poll() is not None:
             raise AssertionError(f"server exited: {self.output()}")
         for event in self.events():
-            match = re.search(r"starting on (\d+)$", event.get("log_text", ""))
+            match = re.search(r"starting on (\d+)$", event.get("text", ""))
             if match:
                 return int(match.group(1))
         return 0

@@ -56,7 +56,7 @@ def serverFailures(server: Server) -> list[dict]:
     return [
         e
         for e in server.events()
-        if "log_failure" in e or "Traceback" in json.dumps(e) or e.get("isError") == 1
+        if "traceback" in e or "Traceback" in json.dumps(e) or e.get("level") == "critical"
     ]
 
 

@@ -31,7 +31,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.logger import eventFromJSON, formatEvent
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -871,11 +870,7 @@ class WarningTests(TestCase):
         self.addCleanup(server.cleanup)
 
         def warnings() -> list[str]:
-            return [
-                formatEvent(eventFromJSON(json.dumps(e)))
-                for e in server.events()
-                if e.get("log_level", {}).get("name") == "warn"
-            ]
+            return [e["text"] for e in server.events() if e.get("level") == "warn"]
 
         wait(warnings, 10)
         time.sleep(0.3)

@@ -82,7 +82,7 @@ def guardianPID(server: Server, after: int = 0) -> int:
     def find() -> int | None:
         for event in server.events():
             pid = event.get("guardian_pid")
-            if pid and pid != after and "started" in event.get("log_format", ""):
+            if pid and pid != after and "started" in event.get("text", ""):
                 return pid
         return None
 
@@ -349,7 +349,7 @@ class MetricsTests(TestCase):
 
         def port() -> int | None:
             for event in server.events():
-                match = re.search(r"_MetricsSite starting on (\d+)$", event.get("log_text", ""))
+                match = re.search(r"_MetricsSite starting on (\d+)$", event.get("text", ""))
                 if match:
                     return int(match.group(1))
             return None

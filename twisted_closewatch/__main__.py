@@ -25,8 +25,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     Parse C{argv} (default: the command line) as closewatch's options and
     run the server under twistd's runner until it stops.
     """
-    from twisted.plugins.closewatch import closewatch
     from twisted.scripts import twistd
+
+    from twisted.plugins.closewatch import closewatch
 
     options = Options()
     options.synopsis = SYNOPSIS

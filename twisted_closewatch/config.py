@@ -12,7 +12,6 @@ import sys
 
 import attr
 
-
 #: The longest C{TCP_USER_TIMEOUT} Linux takes: milliseconds in a C int.
 MAX_USER_TIMEOUT = 2**31 // 1000
 

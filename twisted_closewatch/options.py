@@ -18,10 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attr
-
-import twisted
 from twisted.python import usage
 
+import twisted
 from twisted_closewatch import __version__, access, handshake, metrics, proxy
 from twisted_closewatch.config import MAX_USER_TIMEOUT, Config, defaultCommand
 
@@ -186,38 +185,46 @@ class Options(usage.Options):
             "keepalive-idle",
             None,
             None,
-            "Seconds of silence before the first keepalive probe (whole, 1-32767). "
-            f"[default: {_default('keepaliveIdle')}]",
+            (
+                "Seconds of silence before the first keepalive probe (whole, 1-32767). "
+                f"[default: {_default('keepaliveIdle')}]"
+            ),
             lambda v: parseWholeNumber(v, minimum=1, maximum=32767, what="--keepalive-idle"),
         ],
         [
             "keepalive-interval",
             None,
             None,
-            "Seconds between keepalive probes (whole, 1-32767). "
-            f"[default: {_default('keepaliveInterval')}]",
+            (
+                "Seconds between keepalive probes (whole, 1-32767). "
+                f"[default: {_default('keepaliveInterval')}]"
+            ),
             lambda v: parseWholeNumber(v, minimum=1, maximum=32767, what="--keepalive-interval"),
         ],
         [
             "keepalive-count",
             None,
             None,
-            "Unanswered keepalive probes before the client is dead (1-127); "
-            "Linux ignores it under an explicit --user-timeout, which then "
-            f"decides. [default: {_default('keepaliveCount')}]",
+            (
+                "Unanswered keepalive probes before the client is dead (1-127); "
+                "Linux ignores it under an explicit --user-timeout, which then "
+                f"decides. [default: {_default('keepaliveCount')}]"
+            ),
             lambda v: parseWholeNumber(v, minimum=1, maximum=127, what="--keepalive-count"),
         ],
         [
             "user-timeout",
             None,
             None,
-            "Seconds sent data may stay unacknowledged (or the client's window "
-            "closed) before the client is dead (Linux TCP_USER_TIMEOUT, "
-            "millisecond precision); 0 = kernel default. Linux then also ends "
-            "an idle dead client at the first keepalive probe at or after it. "
-            "[default: --keepalive-idle + --keepalive-interval x "
-            f"--keepalive-count, so that both agree: {Config().userTimeout:g} "
-            "with their defaults]",
+            (
+                "Seconds sent data may stay unacknowledged (or the client's window "
+                "closed) before the client is dead (Linux TCP_USER_TIMEOUT, "
+                "millisecond precision); 0 = kernel default. Linux then also ends "
+                "an idle dead client at the first keepalive probe at or after it. "
+                "[default: --keepalive-idle + --keepalive-interval x "
+                f"--keepalive-count, so that both agree: {Config().userTimeout:g} "
+                "with their defaults]"
+            ),
             lambda v: parseSeconds(v, maximum=MAX_USER_TIMEOUT),
         ],
         [

@@ -7,8 +7,7 @@ from __future__ import annotations
 from twisted.application.service import IService
 from twisted.logger import Logger
 
-from twisted_closewatch import liveness
-from twisted_closewatch import metrics
+from twisted_closewatch import liveness, logs, metrics
 from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.listening import CannotListen
 from twisted_closewatch.options import Options
@@ -29,6 +28,7 @@ def makeService(options: Options) -> IService:
     """
     from twisted.internet import reactor
 
+    logs.recordTwistdOptions(getattr(options, "parent", None))
     # Logged before twistd starts its log observers: Twisted buffers these
     # and emits them once logging begins.
     for warning in [
