@@ -1,13 +1,24 @@
 """
 The factory a server listens with: one L{WorkerRelay} and one worker per
-connection.  This is the library entry point::
+connection.
+
+A library user serves it through
+L{twisted_closewatch.service.CloseWatchService}, which also starts the
+guardian that kills the workers if the process dies (a factory listened
+with directly has none, so a C{kill -9} of the process would leave its
+workers running)::
 
     from twisted.internet import endpoints, reactor
     from twisted_closewatch.config import Config
     from twisted_closewatch.factory import CloseWatchFactory
+    from twisted_closewatch.service import CloseWatchService
 
     factory = CloseWatchFactory(Config(argv=("/bin/cat",)))
-    endpoints.serverFromString(reactor, "tcp:8787").listen(factory)
+    endpoint = endpoints.serverFromString(reactor, "tcp:8787:interface=127.0.0.1")
+    service = CloseWatchService(factory, [endpoint])
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from twisted.logger import Logger, LogLevel
 from twisted_closewatch import access, limits, spawn
 from twisted_closewatch.closewatch import ICloseWatch, makeCloseWatch
 from twisted_closewatch.config import Config
-from twisted_closewatch.relay import WorkerProcessProtocol, WorkerRelay
+from twisted_closewatch.relay import WorkerProcessProtocol, WorkerRelay, describeAddress
 
 if TYPE_CHECKING:
     from twisted_closewatch.guardian import Guardian
@@ -162,7 +173,7 @@ class CloseWatchFactory(Factory):
         log.emit(
             LogLevel.info if detail is None else LogLevel.warn,
             "refused {peer}: {reason}" + ("" if detail is None else " ({detail})"),
-            peer=limits.peerKey(addr) or str(addr),
+            peer=limits.peerKey(addr) or describeAddress(addr),
             reason=reason,
             detail=detail,
             refused=True,

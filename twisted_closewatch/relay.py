@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import attr
 from twisted.internet import error
+from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -222,7 +223,7 @@ class WorkerRelay(Protocol):
     def connectionMade(self) -> None:
         self._connected = True
         transport = self.transport
-        self.record.peer = _describe(transport.getPeer())
+        self.record.peer = describeAddress(transport.getPeer())
         self._probe = _probeSocket(transport)
         if self._probe is not None:
             self._liveness.configureSocket(self._probe)
@@ -556,10 +557,19 @@ def _probeSocket(transport: Any) -> socket.socket | None:
         return None
 
 
-def _describe(address: Any) -> str:
+def describeAddress(address: Any) -> str:
+    """
+    How a peer is named in the log: C{host:port} (C{[host]:port} for IPv6),
+    a unix socket client's path, or C{unix peer} for the usual unix client,
+    which has none.
+    """
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     if host is not None and port is not None:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or address)
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        return name or "unix peer"
+    return str(address)
