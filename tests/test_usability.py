@@ -42,8 +42,10 @@ CLOSEWATCH = os.path.join(os.path.dirname(sys.executable), "closewatch")
 TWISTD_WITHOUT_TLS = [
     sys.executable,
     "-c",
-    "import sys; sys.modules['OpenSSL'] = None; sys.argv[0] = 'twistd'; "
-    "from twisted.scripts.twistd import run; run()",
+    (
+        "import sys; sys.modules['OpenSSL'] = None; sys.argv[0] = 'twistd'; "
+        "from twisted.scripts.twistd import run; run()"
+    ),
 ]
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -79,7 +81,7 @@ class Run:
 
     def __init__(self, test: TestCase, argv: Sequence[str], cwd: str | None = None) -> None:
         self.path = os.path.abspath(test.mktemp())
-        self._out = open(self.path, "w")
+        self._out = open(self.path, "w")  # noqa: SIM115 (open while the process runs)
         self.process = subprocess.Popen(
             list(argv),
             stdout=self._out,
@@ -135,6 +137,7 @@ class StartupErrorTests(TestCase):
                 [*twistd, *mode, "closewatch", *args],
                 capture_output=True,
                 text=True,
+                check=False,
                 timeout=30,
                 env=environment(),
                 cwd=directory,
@@ -259,7 +262,13 @@ class JSONLogTests(TestCase):
             ],
             check=True, timeout=30, env=environment(), cwd=directory,
         )
-        daemon = int(wait(lambda: os.path.exists(pidfile) and open(pidfile).read()))
+        def pid() -> str | None:
+            if not os.path.exists(pidfile):
+                return None
+            with open(pidfile) as f:
+                return f.read()
+
+        daemon = int(wait(pid))
 
         def stop() -> None:
             if processesMentioning(directory):
@@ -290,7 +299,9 @@ class VersionTests(TestCase):
         for argv in ([*TWISTD, "closewatch", "--version"], [CLOSEWATCH, "--version"]):
             if not os.path.exists(argv[0]):
                 continue
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=environment())
+            result = subprocess.run(
+                argv, capture_output=True, text=True, check=False, timeout=30, env=environment()
+            )
             self.assertEqual(result.returncode, 0, result.stderr)
             self.assertTrue(result.stdout.startswith(expected), result.stdout)
 
@@ -325,12 +336,15 @@ class CommandTests(TestCase):
         self.assertServes([sys.executable, "-m", "twisted_closewatch"])
 
     def test_helpAndErrors(self) -> None:
-        result = subprocess.run([CLOSEWATCH, "--help"], capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [CLOSEWATCH, "--help"], capture_output=True, text=True, check=False, timeout=30
+        )
         self.assertEqual(result.returncode, 0)
         self.assertTrue(result.stdout.startswith("Usage: closewatch [options]"), result.stdout)
         self.assertIn("--user-timeout", result.stdout)
         result = subprocess.run(
-            [CLOSEWATCH, "--idle-timeout", "x"], capture_output=True, text=True, timeout=30
+            [CLOSEWATCH, "--idle-timeout", "x"],
+            capture_output=True, text=True, check=False, timeout=30,
         )
         self.assertEqual(result.returncode, 1)
         self.assertNotIn("Traceback", result.stderr)
@@ -369,7 +383,7 @@ class ReadmeTests(TestCase):
         run.waitFor(rf"starting on {port}")
         result = subprocess.run(
             ["/bin/sh", "-c", client.replace("7000", port)],
-            capture_output=True, text=True, timeout=30, env=environment(),
+            capture_output=True, text=True, check=False, timeout=30, env=environment(),
         )
         self.assertEqual(result.stdout, "apple\npear\n", result.stderr)
         run.waitFor(r"ended: worker-exited")
@@ -399,7 +413,7 @@ class ReadmeTests(TestCase):
             self.assertEqual(readAll(sock), b"apple\npear\n")
             sock.close()
             waiting = wait(connect)
-            worker = wait(lambda: workers(run.process.pid))[0]
+            worker = wait(lambda run=run: workers(run.process.pid))[0]
             self.assertEqual(run.stop(sig), -signal.SIGKILL if sig == signal.SIGKILL else 0)
             waitGone([worker], 5)
             waiting.close()

@@ -31,15 +31,17 @@ class Listener(StreamServerEndpointService):
     Serves a factory on an endpoint, from L{bind} on if that was called
     before the service started, or else from C{privilegedStartService}.
 
-    @ivar name: how the endpoint is named in errors, as the user wrote it
-        (C{--listen 'tcp:8787'}).
+    @ivar description: how the endpoint is named in errors, as the user
+        wrote it (C{--listen 'tcp:8787'}).
     """
 
     _raiseSynchronously = True
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, name: str) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: Factory[Any], description: str
+    ) -> None:
         super().__init__(endpoint, factory)
-        self.name = name
+        self.description = description
 
     def bind(self) -> None:
         """
@@ -53,7 +55,7 @@ class Listener(StreamServerEndpointService):
             super().privilegedStartService()
         except Exception as e:
             self._waitingForPort = None
-            raise CannotListen(f"{self.name}: cannot listen: {describeError(e)}") from e
+            raise CannotListen(f"{self.description}: cannot listen: {describeError(e)}") from e
 
     def privilegedStartService(self) -> None:
         self.bind()

@@ -37,7 +37,7 @@ import math
 import signal
 import sys
 from collections.abc import Mapping
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.logger import FileLogObserver, LogEvent, formatEvent
@@ -121,7 +121,9 @@ def _logFile(options: Mapping[str, Any]) -> IO[Any]:
         def rotate(signum: int, frame: Any) -> None:
             from twisted.internet import reactor
 
-            reactor.callFromThread(logFile.rotate)
+            # From the reactor's thread, as twistd rotates its own log.
+            threads: Any = reactor
+            threads.callFromThread(logFile.rotate)
 
         signal.signal(signal.SIGUSR1, rotate)
     return logFile

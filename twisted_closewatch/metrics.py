@@ -163,12 +163,14 @@ class ServerMetrics:
         root.putChild(b"metrics", MetricsResource(registry=self.registry))
         return root
 
-    def service(self, endpoint: IStreamServerEndpoint, name: str = "--metrics") -> IService:
+    def service(
+        self, endpoint: IStreamServerEndpoint, description: str = "--metrics"
+    ) -> IService:
         """
         A service serving L{resource} over HTTP on C{endpoint}, named
-        C{name} in errors.
+        C{description} in errors.
         """
-        return Listener(endpoint, _MetricsSite(self.resource()), name)
+        return Listener(endpoint, _MetricsSite(self.resource()), description)
 
 
 class _MetricsSite(Site):

@@ -569,7 +569,6 @@ def describeAddress(address: Any) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(address, UNIXAddress):
         name = address.name
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return name or "unix peer"
+        path = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+        return path or "unix peer"
     return str(address)

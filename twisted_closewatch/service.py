@@ -27,21 +27,22 @@ class CloseWatchService(MultiService):
     Serves C{factory} on every endpoint in C{endpoints}, with a guardian
     that kills the workers if the server process dies.
 
-    @param names: how each endpoint is named in errors, as the user wrote it
-        (C{--listen 'tcp:8787'}); by default its C{repr}.
+    @param descriptions: how each endpoint is named in errors, as the user
+        wrote it (C{--listen 'tcp:8787'}); by default its C{repr}.
     """
 
     def __init__(
         self,
         factory: CloseWatchFactory,
         endpoints: Iterable[IStreamServerEndpoint],
-        names: Iterable[str] | None = None,
+        descriptions: Iterable[str] | None = None,
     ) -> None:
         super().__init__()
         self.factory = factory
         endpoints = list(endpoints)
-        for endpoint, name in zip(endpoints, names or map(repr, endpoints), strict=True):
-            Listener(endpoint, factory, name).setServiceParent(self)
+        descriptions = descriptions or map(repr, endpoints)
+        for endpoint, description in zip(endpoints, descriptions, strict=True):
+            Listener(endpoint, factory, description).setServiceParent(self)
         self.guardian = Guardian(factory.reactor)
 
     def bind(self) -> None:
