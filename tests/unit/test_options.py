@@ -24,9 +24,11 @@ from twisted.trial.unittest import TestCase
 import twisted_closewatch
 from twisted_closewatch import liveness
 from twisted_closewatch.config import MAX_USER_TIMEOUT, Config
+from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.listening import CannotListen, Listener
 from twisted_closewatch.options import Options
 from twisted_closewatch.relay import describeAddress
+from twisted_closewatch.service import CloseWatchService
 
 KEEPALIVE = ["--keepalive-idle", "1", "--keepalive-interval", "1", "--keepalive-count", "2"]
 
@@ -222,6 +224,19 @@ class ListenerTests(TestCase):
         listener.privilegedStartService()
         listener.startService()
         self.assertEqual(len(reactor.tcpServers), 1)
+
+    def test_service(self) -> None:
+        """
+        L{CloseWatchService.bind} binds every endpoint, two given alike
+        included, before the service starts.
+        """
+        reactor = MemoryReactor()
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        factory = CloseWatchFactory(Config(argv=("/bin/true",)), reactor)
+        service = CloseWatchService(factory, [endpoint, endpoint], ["--listen 'a'"] * 2)
+        service.bind()
+        self.assertEqual(len(reactor.tcpServers), 2)
+        self.assertFalse(service.running)
 
     def test_cannotListen(self) -> None:
         error = CannotListenError("127.0.0.1", 80, OSError(98, "Address already in use"))
