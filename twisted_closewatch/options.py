@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attr
+from twisted.copyright import version as twistedVersion
 from twisted.python import usage
 
-import twisted
 from twisted_closewatch import __version__, access, handshake, metrics, proxy
 from twisted_closewatch.config import MAX_USER_TIMEOUT, Config, defaultCommand
 
@@ -357,7 +357,7 @@ class Options(usage.Options):
         Print closewatch's version, Twisted's and Python's, and exit.
         """
         print(
-            f"closewatch {__version__} (Twisted {twisted.__version__}, "
+            f"closewatch {__version__} (Twisted {twistedVersion}, "
             f"Python {platform.python_version()})"
         )
         sys.exit(0)
