@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import os
+import tomllib
 from contextlib import redirect_stdout
 from typing import Any
 
@@ -19,7 +21,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 import twisted_closewatch
 from twisted_closewatch import liveness
@@ -30,6 +32,7 @@ from twisted_closewatch.options import Options
 from twisted_closewatch.relay import describeAddress
 from twisted_closewatch.service import CloseWatchService
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEEPALIVE = ["--keepalive-idle", "1", "--keepalive-interval", "1", "--keepalive-count", "2"]
 
 
@@ -176,12 +179,23 @@ class VersionTests(TestCase):
 
     def test_singleSourced(self) -> None:
         """
-        The installed distribution's version is the module's.
+        pyproject.toml takes its version from the module, and the installed
+        distribution has it.
         """
         self.assertRegex(twisted_closewatch.__version__, r"^\d+\.\d+\.\d+")
+        with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+            project = tomllib.load(f)
+        self.assertNotIn("version", project["project"])
+        self.assertIn("version", project["project"]["dynamic"])
         self.assertEqual(
-            importlib.metadata.version("twisted-closewatch"), twisted_closewatch.__version__
+            project["tool"]["setuptools"]["dynamic"]["version"],
+            {"attr": "twisted_closewatch.__version__"},
         )
+        try:
+            installed = importlib.metadata.version("twisted-closewatch")
+        except importlib.metadata.PackageNotFoundError:
+            raise SkipTest("twisted-closewatch is not installed")
+        self.assertEqual(installed, twisted_closewatch.__version__)
 
 
 class DescribeAddressTests(TestCase):
