@@ -191,9 +191,10 @@ def workers(serverPID: int, timeout: float = 5.0) -> list[int]:
     """
     The server's children that are workers (not its guardian).
 
-    Until it has called C{exec}, a child still shows the server's command
-    line, and a guardian being started cannot be told from a worker: such
-    children are waited for (C{timeout} at most), never guessed at.
+    Until its C{exec} is done, a child shows the server's command line, then
+    for a moment an empty one, and a guardian being started cannot be told
+    from a worker: such children are waited for (C{timeout} at most), never
+    guessed at.  (A zombie's command line is empty too: it is a worker.)
     """
     server = commandLine(serverPID)
 
@@ -201,9 +202,11 @@ def workers(serverPID: int, timeout: float = 5.0) -> list[int]:
         found = []
         for pid in children(serverPID):
             command = commandLine(pid)
-            if command is not None and command == server:
+            if command is None:
+                continue
+            if command == server or (not command and alive(pid)):
                 return None
-            if command is not None and not isGuardian(pid):
+            if not isGuardian(pid):
                 found.append(pid)
         return (found,)
 
