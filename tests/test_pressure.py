@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import resource
 import socket
+import subprocess
 import time
 
 from twisted.trial.unittest import TestCase
@@ -41,7 +42,22 @@ def sendBacklog(sock: socket.socket, total: int = BACKLOG) -> None:
     step = 16 * 1024
     for offset in range(0, total, step):
         sock.sendall(b"q" * min(step, total - offset))
-        wait(lambda: outq(sock) == 0, 10, 0.002)
+        try:
+            wait(lambda: outq(sock) == 0, 10, 0.002)
+        except AssertionError:
+            # Seen once in a while on a machine loaded by several suites at
+            # once, never alone: say what both ends' kernels held (the
+            # server's receive buffer and window, the client's queue).
+            port = sock.getsockname()[1]
+            sockets = subprocess.run(
+                ["ss", "-tmni", f"( sport = :{port} or dport = :{port} )"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            raise AssertionError(
+                f"{outq(sock)} bytes of {offset + step} still queued after 10 s:\n{sockets}"
+            ) from None
 
 
 class PausedTests(TestCase):
