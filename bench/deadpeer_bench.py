@@ -40,7 +40,7 @@ from tests.test_liveness import (  # noqa: E402
     netnsUnavailable,
     runScenarios,
 )
-from twisted_closewatch import liveness  # noqa: E402
+from twisted_closewatch import tcp  # noqa: E402
 from twisted_closewatch.config import Config  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def scenarios(measureDefaults: bool) -> list[dict]:
     rows = [
         {
             "name": "keepalive 1/1/2 alone (user timeout derived: 3 s), idle",
-            "bound": liveness.keepaliveDeadline(
+            "bound": tcp.keepaliveDeadline(
                 Config(keepaliveIdle=1, keepaliveInterval=1, keepaliveCount=2)
             ),
             "expect": "keepalive",
@@ -59,7 +59,7 @@ def scenarios(measureDefaults: bool) -> list[dict]:
         },
         {
             "name": "keepalive 1/1/2, --user-timeout 0, idle",
-            "bound": liveness.keepaliveDeadline(
+            "bound": tcp.keepaliveDeadline(
                 Config(keepaliveIdle=1, keepaliveInterval=1, keepaliveCount=2, userTimeout=0)
             ),
             "expect": "keepalive",
@@ -80,7 +80,7 @@ def scenarios(measureDefaults: bool) -> list[dict]:
         },
         {
             "name": "keepalive 1/1/1, --user-timeout 4 (count ignored)",
-            "bound": liveness.keepaliveDeadline(
+            "bound": tcp.keepaliveDeadline(
                 Config(keepaliveIdle=1, keepaliveInterval=1, keepaliveCount=1, userTimeout=4)
             ),
             "expect": "keepalive",
@@ -114,7 +114,7 @@ def scenarios(measureDefaults: bool) -> list[dict]:
     rows += [
         {
             "name": "defaults (60/10/6, user timeout 120), idle",
-            "bound": liveness.keepaliveDeadline(defaults),
+            "bound": tcp.keepaliveDeadline(defaults),
             "expect": "keepalive",
             "spec": {"watch": 150} if measureDefaults else None,
         },

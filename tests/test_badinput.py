@@ -814,7 +814,7 @@ class WorkerReadingTests(TestCase):
             self.pipes = pipes
 
     def test_resumeLeavesClosingPipeAlone(self) -> None:
-        from twisted_closewatch.relay import _WorkerReading
+        from twisted_closewatch.worker import _WorkerReading
 
         closing = self.Pipe(disconnecting=True)
         reading = _WorkerReading(self.Worker({1: closing}))
@@ -823,7 +823,7 @@ class WorkerReadingTests(TestCase):
         self.assertFalse(closing.reading)
 
     def test_resumeOpenPipe(self) -> None:
-        from twisted_closewatch.relay import _WorkerReading
+        from twisted_closewatch.worker import _WorkerReading
 
         pipe = self.Pipe(disconnecting=False)
         reading = _WorkerReading(self.Worker({1: pipe}))

@@ -45,7 +45,7 @@ from tests.support import (
     wait,
     waitGone,
 )
-from twisted_closewatch import liveness
+from twisted_closewatch import tcp
 from twisted_closewatch.config import Config
 from twisted_closewatch.options import Options
 
@@ -246,7 +246,7 @@ def runScenarios(specs: Mapping[str, Mapping[str, Any]], timeout: float = 60) ->
 def rawLoss(death: str, mode: str) -> dict[str, Any]:
     """
     Kill a loopback TCP connection one way (in a namespace of one's own),
-    and ask L{liveness.lossReason} why, from a duplicate of the server's
+    and ask L{tcp.lossReason} why, from a duplicate of the server's
     socket, after the original was closed.
 
     @param death: C{rst} (the peer resets), C{keepalive} (lo down, idle),
@@ -273,7 +273,7 @@ def rawLoss(death: str, mode: str) -> dict[str, Any]:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(listener.getsockname())
     server, _ = listener.accept()
-    for level, name, value in liveness.socketOptions(config):
+    for level, name, value in tcp.socketOptions(config):
         server.setsockopt(level, name, value)
     server.setblocking(False)
     probe = server.dup()
@@ -313,7 +313,7 @@ def rawLoss(death: str, mode: str) -> dict[str, Any]:
             error = errno.errorcode.get(e.errno, e.errno)
     server.close()
     return {
-        "reason": liveness.lossReason(probe, config) if events else None,
+        "reason": tcp.lossReason(probe, config) if events else None,
         "elapsed": round(elapsed, 3),
         "recvError": error,
     }
@@ -483,7 +483,7 @@ class DeadPeerTests(TestCase):
         after idle + count * interval (2 s), and the reason is keepalive.
         """
         config = Config(keepaliveIdle=1, keepaliveInterval=1, keepaliveCount=1, userTimeout=4)
-        self.assertEqual(liveness.keepaliveDeadline(config), 4)
+        self.assertEqual(tcp.keepaliveDeadline(config), 4)
         self.assertGone("keepalive-user-timeout", "keepalive", 3.0, 5.5)
 
     def test_userTimeout(self) -> None:
@@ -536,7 +536,7 @@ class DeadPeerTests(TestCase):
 
 class LossReasonTests(TestCase):
     """
-    L{liveness.lossReason} on raw loopback sockets, for each death, both
+    L{tcp.lossReason} on raw loopback sockets, for each death, both
     when C{recv} consumed the error (Twisted reading) and when it did not
     (the close watch of a paused relay).
     """
@@ -564,7 +564,7 @@ class LossReasonTests(TestCase):
         self.assertEqual(wrong, {})
 
     def test_noProbe(self) -> None:
-        self.assertEqual(liveness.lossReason(None, Config()), "client-reset")
+        self.assertEqual(tcp.lossReason(None, Config()), "client-reset")
 
     def test_liveSocket(self) -> None:
         """
@@ -577,8 +577,8 @@ class LossReasonTests(TestCase):
         self.addCleanup(client.close)
         server, _ = listener.accept()
         self.addCleanup(server.close)
-        self.assertEqual(liveness.lossReason(server, Config()), "client-reset")
-        info = liveness.tcpInfo(server)
+        self.assertEqual(tcp.lossReason(server, Config()), "client-reset")
+        info = tcp.tcpInfo(server)
         if info is not None:
             self.assertEqual(info.state, 1)  # ESTABLISHED
 
@@ -793,9 +793,9 @@ class OptionTests(TestCase):
         )
         # The user timeout agrees with the keepalive settings: a dead idle
         # client goes after 60 + 10 * 6 = 120 s either way.
-        self.assertEqual(liveness.keepaliveDeadline(config), 120)
+        self.assertEqual(tcp.keepaliveDeadline(config), 120)
         self.assertEqual(
-            liveness.keepaliveDeadline(Config(keepalive=True, userTimeout=0)), 120
+            tcp.keepaliveDeadline(Config(keepalive=True, userTimeout=0)), 120
         )
 
     def test_values(self) -> None:
@@ -845,7 +845,7 @@ class OptionTests(TestCase):
     def test_socketOptions(self) -> None:
         options = dict(
             ((level, name), value)
-            for level, name, value in liveness.socketOptions(
+            for level, name, value in tcp.socketOptions(
                 Config(keepaliveIdle=7, keepaliveInterval=3, keepaliveCount=9, userTimeout=2.5)
             )
         )
@@ -855,7 +855,7 @@ class OptionTests(TestCase):
             self.assertEqual(options[socket.IPPROTO_TCP, socket.TCP_KEEPINTVL], 3)
             self.assertEqual(options[socket.IPPROTO_TCP, socket.TCP_KEEPCNT], 9)
             self.assertEqual(options[socket.IPPROTO_TCP, 18], 2500)  # TCP_USER_TIMEOUT
-        off = liveness.socketOptions(Config(keepalive=False, userTimeout=0))
+        off = tcp.socketOptions(Config(keepalive=False, userTimeout=0))
         self.assertEqual(off, [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)])
 
 
@@ -884,11 +884,11 @@ class WarningTests(TestCase):
     def test_noWarnings(self) -> None:
         from twisted.internet import endpoints, reactor
 
-        tcp = endpoints.serverFromString(reactor, "tcp:0")
-        self.assertEqual(liveness.platformWarnings(Config(), [("tcp:0", tcp)]), [])
+        tcpEndpoint = endpoints.serverFromString(reactor, "tcp:0")
+        self.assertEqual(tcp.platformWarnings(Config(), [("tcp:0", tcpEndpoint)]), [])
         unix = endpoints.serverFromString(reactor, "unix:/nonexistent/x.sock")
-        self.assertEqual(liveness.platformWarnings(Config(keepalive=False), [unix]), [])
-        self.assertEqual(len(liveness.platformWarnings(Config(), [unix])), 1)
+        self.assertEqual(tcp.platformWarnings(Config(keepalive=False), [unix]), [])
+        self.assertEqual(len(tcp.platformWarnings(Config(), [unix])), 1)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from twisted_closewatch.config import Config
+from twisted_closewatch.config import Config, Network
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 #: IPv6 clients are counted by rate per /64: one subscriber's usual

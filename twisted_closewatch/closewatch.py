@@ -27,7 +27,7 @@ import select
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IReactorCore, IReadDescriptor
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
@@ -78,11 +78,11 @@ class EpollCloseWatch:
     One C{epoll} set of client sockets, itself read by the reactor.
     """
 
-    def __init__(self, reactor: IReactorCore) -> None:
+    def __init__(self, reactor: IReactorFDSet) -> None:
         self._reactor = reactor
         self._epoll = select.epoll()
         self._callbacks: dict[int, tuple[OnClosed, OnReset]] = {}
-        reactor.addReader(self)  # type: ignore[attr-defined]
+        reactor.addReader(self)
 
     def __len__(self) -> int:
         return len(self._callbacks)
@@ -137,7 +137,7 @@ class EpollCloseWatch:
         return "closewatch-epoll"
 
     def stop(self) -> None:
-        self._reactor.removeReader(self)  # type: ignore[attr-defined]
+        self._reactor.removeReader(self)
         self._callbacks.clear()
         self._epoll.close()
 
@@ -150,10 +150,10 @@ class PollingCloseWatch:
 
     interval = 0.1
 
-    def __init__(self, reactor: IReactorCore) -> None:
+    def __init__(self, reactor: IReactorTime) -> None:
         self._callbacks: dict[int, tuple[OnClosed, OnReset]] = {}
         self._loop = LoopingCall(self._check)
-        self._loop.clock = reactor  # type: ignore[assignment]
+        self._loop.clock = reactor
 
     def __len__(self) -> int:
         return len(self._callbacks)

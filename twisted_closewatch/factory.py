@@ -1,6 +1,6 @@
 """
-The factory a server listens with: one L{WorkerRelay} and one worker per
-connection.
+The factory a server listens with: admission, then one L{Relay} and one
+worker per connection.
 
 A library user serves it through
 L{twisted_closewatch.service.CloseWatchService}, which also starts the
@@ -19,6 +19,13 @@ workers running)::
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
+
+A bad setting raises L{twisted_closewatch.config.InvalidSetting} from
+L{Config} itself, naming the option it corresponds to.
+
+The factory makes each relay with what it needs (the config, the reactor as
+its clock, the close watch, a worker starter) and hears back from it once,
+when the connection has ended: it logs and counts from that record.
 """
 
 from __future__ import annotations
@@ -26,44 +33,28 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel
 
 from twisted_closewatch import access, limits, spawn
+from twisted_closewatch.addresses import describe, peerKey, ucspiEnvironment
+from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
 from twisted_closewatch.closewatch import ICloseWatch, makeCloseWatch
 from twisted_closewatch.config import Config
-from twisted_closewatch.relay import WorkerProcessProtocol, WorkerRelay, describeAddress
+from twisted_closewatch.record import ConnectionRecord, EndReason
+from twisted_closewatch.relay import Relay, SpawnFailed, connect
+from twisted_closewatch.worker import IWorkerSink, WorkerHandle
 
 if TYPE_CHECKING:
     from twisted_closewatch.guardian import Guardian
     from twisted_closewatch.metrics import ServerMetrics
 
 log = Logger()
-
-
-def ucspiEnvironment(host: Any, peer: Any) -> dict[str, str]:
-    """
-    The variables tcpserver, s6 and inetd-style servers give a worker about
-    its connection.  TCP (v4 and v6) gets C{PROTO=TCP} and the C{TCP*}
-    addresses; other transports get C{PROTO} only, named after the address
-    type (C{UNIX} for a unix socket).
-    """
-    if getattr(peer, "type", None) in ("TCP", "TCP6"):
-        return {
-            "PROTO": "TCP",
-            "TCPREMOTEIP": peer.host,
-            "TCPREMOTEPORT": str(peer.port),
-            "TCPLOCALIP": getattr(host, "host", ""),
-            "TCPLOCALPORT": str(getattr(host, "port", "")),
-        }
-    name = type(peer).__name__.removesuffix("Address").upper() or "UNKNOWN"
-    return {"PROTO": name}
 
 
 class CloseWatchFactory(Factory):
@@ -76,7 +67,7 @@ class CloseWatchFactory(Factory):
     header has named it), and L{connectionReady} once the connection is
     ready for a worker (at once, or once its TLS handshake is done).
 
-    @ivar relays: the connections alive now.
+    @ivar connections: the connections alive now, by connection id.
     @ivar limits: the slots admitted connections hold, and the places at
         the front doors.
     @ivar access: the address rules and rate limit new clients are screened
@@ -89,8 +80,20 @@ class CloseWatchFactory(Factory):
     guardian: Guardian | None = None
 
     def __init__(
-        self, config: Config, reactor: Any = None, metrics: ServerMetrics | None = None
+        self,
+        config: Config,
+        reactor: Any = None,
+        metrics: ServerMetrics | None = None,
+        *,
+        closeWatch: ICloseWatch | None = None,
+        spawnProcess: Callable[..., Any] = spawn.spawnWorker,
     ) -> None:
+        """
+        @param closeWatch: the close watch; by default the best this
+            platform has, made when first needed.
+        @param spawnProcess: starts a worker process, with the signature of
+            L{spawn.spawnWorker}.
+        """
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -98,15 +101,13 @@ class CloseWatchFactory(Factory):
         self.reactor = reactor
         self.config = config
         self.metrics = metrics
-        self.relays: set[WorkerRelay] = set()
+        self.connections: dict[int, Relay | SpawnFailed] = {}
         self._serverEnvironment = dict(os.environ)
         self.limits = limits.Limits(config.maxWorkers, config.maxPerPeer, config.maxHandshakes)
         self.access = access.AccessPolicy(config, reactor)
-        self._slots: dict[WorkerRelay, limits.Slot] = {}
-        self._lifetimes: dict[WorkerRelay, IDelayedCall] = {}
-        self._graceKills: dict[spawn.WorkerProcess, IDelayedCall] = {}
         self._ids = itertools.count(1)
-        self._closeWatch: ICloseWatch | None = None
+        self._closeWatch = closeWatch
+        self._spawnProcess = spawnProcess
         self._allEnded: list[defer.Deferred[None]] = []
 
     @property
@@ -120,7 +121,7 @@ class CloseWatchFactory(Factory):
         spawn.raiseFileLimit()
 
     def stopFactory(self) -> None:
-        if self._closeWatch is not None and not self.relays:
+        if self._closeWatch is not None and not self.connections:
             self._closeWatch.stop()
             self._closeWatch = None
 
@@ -128,7 +129,7 @@ class CloseWatchFactory(Factory):
         """
         The protocol for a connection from C{addr} (the original client's
         address behind the PROXY protocol) that is ready for a worker: a
-        relay, or a protocol that closes it if it is refused.
+        client of a relay, or a protocol that closes it if it is refused.
         """
         return self.screen(addr) or self.connectionReady(addr)
 
@@ -150,19 +151,16 @@ class CloseWatchFactory(Factory):
 
     def connectionReady(self, addr: Any) -> Protocol:
         """
-        A relay for a screened connection from C{addr}, which takes a slot
-        and starts a worker as it is connected, or a L{limits.Refusal} if a
-        limit is reached.
+        A client for a screened connection from C{addr}, whose relay takes a
+        slot and starts a worker as it is connected, or a L{limits.Refusal}
+        if a limit is reached.
         """
         try:
             slot = self.limits.admit(addr)
         except limits.Refused as refused:
             self.refused(addr, refused.reason)
             return limits.Refusal(self.config.busyMessage, self.reactor)
-        relay = WorkerRelay(self, next(self._ids))
-        self.relays.add(relay)
-        self._slots[relay] = slot
-        return relay
+        return ByteStreamClient(partial(self._connect, slot, next(self._ids)), self.reactor)
 
     def refused(self, addr: Any, reason: str, detail: str | None = None) -> None:
         """
@@ -173,7 +171,7 @@ class CloseWatchFactory(Factory):
         log.emit(
             LogLevel.info if detail is None else LogLevel.warn,
             "refused {peer}: {reason}" + ("" if detail is None else " ({detail})"),
-            peer=limits.peerKey(addr) or describeAddress(addr),
+            peer=peerKey(addr) or describe(addr),
             reason=reason,
             detail=detail,
             refused=True,
@@ -181,142 +179,124 @@ class CloseWatchFactory(Factory):
         if self.metrics is not None:
             self.metrics.refused(reason)
 
-    def workerEnvironment(self, relay: WorkerRelay) -> Mapping[str, str]:
+    def _connect(self, slot: limits.Slot, connectionID: int, client: IClient) -> IClientEvents:
+        record = ConnectionRecord(connectionID, describe(client.peer))
+        ended = partial(self._ended, slot)
+        connection = connect(
+            client,
+            record,
+            ended,
+            partial(
+                Relay,
+                client,
+                record,
+                self.config,
+                self.reactor,
+                self.closeWatch,
+                partial(self._startWorker, slot, client, record),
+                ended,
+            ),
+        )
+        self.connections[connectionID] = connection
+        return connection
+
+    def workerEnvironment(self, client: IClient, connectionID: int) -> Mapping[str, str]:
         """
         The server's environment (as it was when the factory was made), the
         connection's UCSPI variables and id, then C{--env}.
         """
-        transport = relay.transport
         env = self._serverEnvironment.copy()
-        env.update(ucspiEnvironment(transport.getHost(), transport.getPeer()))
-        env["CLOSEWATCH_CONNECTION_ID"] = str(relay.record.connectionID)
+        env.update(ucspiEnvironment(client.host, client.peer))
+        env["CLOSEWATCH_CONNECTION_ID"] = str(connectionID)
         env.update(self.config.env)
         return env
 
-    def spawnWorker(self, relay: WorkerRelay) -> spawn.WorkerProcess:
+    def _startWorker(
+        self, slot: limits.Slot, client: IClient, record: ConnectionRecord, sink: IWorkerSink
+    ) -> WorkerHandle:
         """
-        Start the worker for C{relay}.
+        Start the worker of a connection; its slot is given back once it is
+        reaped, while its last output may still be on its way.
 
         @raise OSError: it could not be started.
         """
         started = time.perf_counter()
-        worker = spawn.spawnWorker(
+        worker = WorkerHandle(
             self.reactor,
-            WorkerProcessProtocol(relay),
-            self.config.argv,
-            self.workerEnvironment(relay),
-            self.config.pipeSize,
-            self.guardian,
-            self.closeWatch.poll,
+            self.config,
+            sink,
+            record,
+            partial(
+                self._spawnProcess,
+                self.reactor,
+                argv=self.config.argv,
+                environment=self.workerEnvironment(client, record.connectionID),
+                pipeSize=self.config.pipeSize,
+                guardian=self.guardian,
+                beforeTeardown=self.closeWatch.poll,
+            ),
+            partial(self._reaped, slot),
         )
         if self.metrics is not None:
             self.metrics.spawned(time.perf_counter() - started)
-        if self.config.maxLifetime:
-            self._lifetimes[relay] = self.reactor.callLater(
-                self.config.maxLifetime, relay.clientGone, "max-lifetime"
-            )
         return worker
 
-    def killWorker(self, worker: spawn.WorkerProcess) -> None:
-        """
-        Kill C{worker}'s whole process group: with C{SIGKILL} at once or,
-        given a grace period, with C{SIGTERM} first and C{SIGKILL} once the
-        grace is over (procmon's C{killTime}), unless it is reaped before.
-        """
-        if not self.config.grace:
-            _signal(worker, "KILL")
-        elif worker not in self._graceKills and _signal(worker, "TERM"):
-            self._graceKills[worker] = self.reactor.callLater(
-                self.config.grace, _signal, worker, "KILL"
-            )
-
-    def workerReaped(self, relay: WorkerRelay) -> None:
-        """
-        The worker of C{relay} has been reaped: its slot is free (while its
-        last output may still be on its way to the client), its timers are
-        moot.
-        """
-        self._slots[relay].release()
-        for call in (self._lifetimes.pop(relay, None), self._graceKills.pop(relay.worker, None)):
-            if call is not None and call.active():
-                call.cancel()
+    def _reaped(self, slot: limits.Slot) -> None:
+        slot.release()
         if self.metrics is not None:
             self.metrics.reaped()
 
-    def connectionEnded(self, relay: WorkerRelay) -> None:
+    def _ended(self, slot: limits.Slot, record: ConnectionRecord) -> None:
         """
-        Both sides of C{relay} are done: log its end, count it, give its
-        slot back if its worker did not (it never started), forget it.
+        A connection has ended: log its end, count it, give its slot back if
+        its worker did not (it never started), forget it.
         """
         # Logging is the dearest part of an end: kill whoever else has left
         # meanwhile first.
         self.closeWatch.poll()
-        self.relays.discard(relay)
-        self._slots.pop(relay).release()
-        record = relay.record
-        log.info(
-            "[{connection_id}] {peer} ended: {reason}, worker {pid} "
-            "{exit_description}, {bytes_in} bytes in, {bytes_out} bytes out, "
-            "{duration:.3f} s",
-            connection_id=record.connectionID,
-            peer=record.peer,
-            pid=record.pid,
-            reason=record.reason,
-            exit_code=record.exitCode,
-            exit_signal=record.exitSignal,
-            exit_description=_exitDescription(
-                record.exitCode, record.exitSignal, record.killLatencyMS
-            ),
-            duration=_since(record.started),
-            bytes_in=record.bytesIn,
-            bytes_out=record.bytesOut,
-            kill_latency_ms=record.killLatencyMS,
-            stderr_dropped=record.stderrDropped,
-        )
+        self.connections.pop(record.connectionID, None)
+        slot.release()
+        _logEnd(record)
         if self.metrics is not None:
             self.metrics.ended(record)
-        if not self.relays:
+        if not self.connections:
             waiting, self._allEnded = self._allEnded, []
             for d in waiting:
                 d.callback(None)
 
-    def stopWorkers(self, reason: str = "server-stopping") -> defer.Deferred[None]:
+    def stopWorkers(self, reason: EndReason = EndReason.SERVER_STOPPING) -> defer.Deferred[None]:
         """
         Kill every worker and drop every connection.
 
         @return: fires once every worker has been reaped.
         """
-        for relay in list(self.relays):
-            relay.clientGone(reason)
-        if not self.relays:
+        for connection in list(self.connections.values()):
+            connection.clientGone(reason)
+        if not self.connections:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._allEnded.append(d)
         return d
 
 
-def _signal(worker: spawn.WorkerProcess, name: str) -> bool:
+def _logEnd(record: ConnectionRecord) -> None:
     """
-    Signal C{worker}'s group; C{False} if it is gone already.
+    The one event that says how a connection went.
     """
-    try:
-        worker.signalProcess(name)
-    except ProcessExitedAlready:
-        return False
-    return True
-
-
-def _since(started: float) -> float:
-    return time.monotonic() - started
-
-
-def _exitDescription(code: int | None, signal: int | None, killLatencyMS: float | None) -> str:
-    if signal is not None:
-        description = f"killed by signal {signal}"
-    elif code is not None:
-        description = f"exited with status {code}"
-    else:
-        return "never started"
-    if killLatencyMS is not None:
-        description += f" {killLatencyMS:.2f} ms after the client was gone"
-    return description
+    log.info(
+        "[{connection_id}] {peer} ended: {reason}, worker {pid} "
+        "{exit_description}, {bytes_in} bytes in, {bytes_out} bytes out, "
+        "{duration:.3f} s",
+        connection_id=record.connectionID,
+        peer=record.peer,
+        pid=record.pid,
+        reason=record.reason,
+        exit_code=record.exitCode,
+        exit_signal=record.exitSignal,
+        exit_description=record.exitDescription(),
+        duration=record.duration(),
+        bytes_in=record.bytesIn,
+        bytes_out=record.bytesOut,
+        kill_latency_ms=record.killLatencyMS,
+        stderr_dropped=record.stderrDropped,
+    )

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_closewatch import guardianprocess
-from twisted_closewatch.spawn import PIPE_SIZE, resizePipe
+from twisted_closewatch.pipes import PIPE_SIZE, resizePipe
 
 log = Logger()
 
@@ -218,7 +218,7 @@ class _GuardianProtocol(ProcessProtocol):
         self._pid: int | None = None
 
     def connectionMade(self) -> None:
-        self._pid = self.transport.pid
+        self._pid = getattr(self.transport, "pid", None)
 
     def processEnded(self, reason: Failure) -> None:
         self._guardian._ended(self._pid or 0, reason)

@@ -14,7 +14,6 @@ import select
 import signal
 import sys
 
-
 #: Seconds between two reads of the server's messages.  The guardian is
 #: not woken by each message (a wake-up per spawn would cost the server
 #: more than the spawn's own write); it sleeps until the pipe hangs up and

@@ -37,7 +37,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-from twisted_closewatch import limits, liveness
+from twisted_closewatch import limits, tcp
 
 if TYPE_CHECKING:
     from twisted_closewatch.factory import CloseWatchFactory
@@ -97,11 +97,11 @@ class FrontDoor(ProtocolWrapper):
     def connectionMade(self) -> None:
         config = self.closewatch.config
         try:
-            sock = liveness.socketOf(self.transport)
+            sock = tcp.socketOf(self.transport)
         except OSError:
             sock = None
         if sock is not None:
-            liveness.applySocketOptions(sock, config)
+            tcp.applySocketOptions(sock, config)
         self._timeout = self.closewatch.reactor.callLater(
             config.handshakeTimeout, self._timedOut
         )

@@ -22,6 +22,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_closewatch.addresses import peerKey
 from twisted_closewatch.linger import LingeringClose
 
 #: Seconds a refused client gets to close after reading the busy message
@@ -40,18 +41,6 @@ class Refused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def peerKey(address: Any) -> str | None:
-    """
-    What the per-peer limit counts by: the IP address of a TCP peer (the
-    original client's when the PROXY protocol named it); C{None} for
-    transports without one, which the per-peer limit does not apply to.
-    """
-    if getattr(address, "type", None) in ("TCP", "TCP6"):
-        host: str = address.host
-        return host
-    return None
 
 
 class Slot:
@@ -181,9 +170,10 @@ class Refusal(Protocol):
         self._reactor = reactor
 
     def connectionMade(self) -> None:
+        transport: Any = self.transport
         if self._message:
-            self.transport.write(self._message)
-        self._linger = LingeringClose(self.transport, self._reactor, REFUSAL_LINGER)
+            transport.write(self._message)
+        self._linger = LingeringClose(transport, self._reactor, REFUSAL_LINGER)
         self._linger.start()
 
     def dataReceived(self, data: bytes) -> None:

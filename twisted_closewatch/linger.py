@@ -11,28 +11,10 @@ or goes quiet with nothing left unread, or a time limit passes: Apache's
 
 from __future__ import annotations
 
-import fcntl
-import socket
-import sys
-import termios
-import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, ISSLTransport
-
-
-def unread(sock: socket.socket | None) -> int:
-    """
-    Bytes received on C{sock} and not read yet (0 if unknown).
-    """
-    if sock is None:
-        return 0
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except OSError:
-        return 0
-    return int.from_bytes(raw, sys.byteorder, signed=True)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport
 
 
 class LingeringClose:
@@ -48,13 +30,21 @@ class LingeringClose:
     quiet = 0.5
 
     def __init__(
-        self, transport: Any, reactor: Any, limit: float, sock: socket.socket | None = None
+        self,
+        transport: Any,
+        clock: IReactorTime,
+        limit: float,
+        unread: Callable[[], int] = lambda: 0,
     ) -> None:
+        """
+        @param unread: how many bytes the client sent that were not read
+            yet (its socket's C{FIONREAD}).
+        """
         self._transport = transport
-        self._reactor = reactor
+        self._clock = clock
         self._limit = limit
-        self._sock = sock
-        self._lastInput = time.monotonic()
+        self._unread = unread
+        self._lastInput = clock.seconds()
         self._calls: list[IDelayedCall] = []
         self._close: Callable[[], None] = transport.loseConnection
 
@@ -74,7 +64,7 @@ class LingeringClose:
             self._transport.loseConnection()
             self._close = self._closeBeneath
             self._calls.append(
-                self._reactor.callLater(self._limit, self._transport.abortConnection)
+                self._clock.callLater(self._limit, self._transport.abortConnection)
             )
             self._checkQuiet()
             return
@@ -82,7 +72,7 @@ class LingeringClose:
             self._transport.loseConnection()
             return
         loseWriteConnection()
-        self._calls.append(self._reactor.callLater(self._limit, self._transport.loseConnection))
+        self._calls.append(self._clock.callLater(self._limit, self._transport.loseConnection))
 
     def _closeBeneath(self) -> None:
         """
@@ -95,7 +85,7 @@ class LingeringClose:
         transport.loseConnection()
 
     def inputReceived(self) -> None:
-        self._lastInput = time.monotonic()
+        self._lastInput = self._clock.seconds()
 
     def inputDone(self) -> None:
         self._close()
@@ -104,12 +94,12 @@ class LingeringClose:
         self._checkQuiet()
 
     def _checkQuiet(self) -> None:
-        quietFor = time.monotonic() - self._lastInput
-        if quietFor >= self.quiet and unread(self._sock) == 0:
+        quietFor = self._clock.seconds() - self._lastInput
+        if quietFor >= self.quiet and self._unread() == 0:
             self._close()
             return
         self._calls.append(
-            self._reactor.callLater(max(self.quiet - quietFor, 0.05), self._checkQuiet)
+            self._clock.callLater(max(self.quiet - quietFor, 0.05), self._checkQuiet)
         )
 
     def stop(self) -> None:

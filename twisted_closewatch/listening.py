@@ -18,6 +18,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 
+from twisted_closewatch import _compat
+
 
 class CannotListen(Exception):
     """
@@ -35,12 +37,11 @@ class Listener(StreamServerEndpointService):
         wrote it (C{--listen 'tcp:8787'}).
     """
 
-    _raiseSynchronously = True
-
     def __init__(
         self, endpoint: IStreamServerEndpoint, factory: Factory[Any], description: str
     ) -> None:
         super().__init__(endpoint, factory)
+        _compat.raiseListenErrors(self)
         self.description = description
 
     def bind(self) -> None:
@@ -49,12 +50,12 @@ class Listener(StreamServerEndpointService):
 
         @raise CannotListen: the endpoint refused at once.
         """
-        if self._waitingForPort is not None:
+        if _compat.listening(self):
             return
         try:
             super().privilegedStartService()
         except Exception as e:
-            self._waitingForPort = None
+            _compat.forgetListening(self)
             raise CannotListen(f"{self.description}: cannot listen: {describeError(e)}") from e
 
     def privilegedStartService(self) -> None:

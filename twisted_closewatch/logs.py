@@ -63,7 +63,9 @@ def recordTwistdOptions(options: Mapping[str, Any] | None) -> None:
     Remember twistd's options for L{jsonObserver}, which twistd calls with
     no argument.
     """
-    global _twistdOptions
+    # twistd calls the observer factory with no argument: a module global
+    # is the only way its options reach it.
+    global _twistdOptions  # noqa: PLW0603
     _twistdOptions = options or {}
 
 

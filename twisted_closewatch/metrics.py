@@ -13,7 +13,7 @@ chunk: the relay's hot path pays nothing for metrics.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -21,28 +21,15 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from twisted_closewatch.listening import Listener
+from twisted_closewatch.record import ConnectionRecord, EndReason
 
 try:
     import prometheus_client
 except ImportError:  # the production extra is not installed
     prometheus_client = None  # type: ignore[assignment]
 
-if TYPE_CHECKING:
-    from twisted_closewatch.relay import ConnectionRecord
-
 #: Every reason a connection ends for, reported as 0 before it first happens.
-END_REASONS = (
-    "client-closed",
-    "client-reset",
-    "half-close",
-    "keepalive",
-    "user-timeout",
-    "idle-timeout",
-    "worker-exited",
-    "max-lifetime",
-    "server-stopping",
-    "spawn-failed",
-)
+END_REASONS = tuple(reason.value for reason in EndReason)
 #: Every reason a connection is refused a worker for: a limit on workers, on
 #: connections at the front doors, the access rules, the per-client rate,
 #: or a TLS handshake or PROXY header not done in time or malformed.

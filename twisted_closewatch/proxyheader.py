@@ -152,7 +152,9 @@ def _v1Address(
             raise ValueError
         return str(parseIP(text.decode("ascii")))
     except ValueError:
-        raise ProxyHeaderError(f"v1 address {text[:45]!r} is not a valid {parseIP.__name__}")
+        raise ProxyHeaderError(
+            f"v1 address {text[:45]!r} is not a valid {parseIP.__name__}"
+        ) from None
 
 
 def _v1Port(text: bytes) -> int:

@@ -15,9 +15,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
+from twisted_closewatch._compat import clearExitSignal, handlesSignals
 from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.guardian import Guardian
 from twisted_closewatch.listening import Listener
+from twisted_closewatch.record import EndReason
 
 log = Logger()
 
@@ -73,9 +75,7 @@ class CloseWatchService(MultiService):
         rather than die by the signal's default action without ending the
         connections; only where the reactor handles signals at all.
         """
-        if getattr(self.factory.reactor, "_installSignalHandlers", False) and hasattr(
-            signal, "SIGHUP"
-        ):
+        if handlesSignals(self.factory.reactor) and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._hangUp)
 
     def _hangUp(self, number: int, frame: object) -> None:
@@ -88,7 +88,7 @@ class CloseWatchService(MultiService):
         workers that are running.
         """
         d: Deferred[Any] = super().stopService()
-        d.addCallback(lambda _: self.factory.stopWorkers("server-stopping"))
+        d.addCallback(lambda _: self.factory.stopWorkers(EndReason.SERVER_STOPPING))
         d.addCallback(lambda _: self.guardian.stop())
         d.addCallback(self._stoppedCleanly)
         return d
@@ -99,6 +99,4 @@ class CloseWatchService(MultiService):
         succeeded.  twistd would otherwise re-raise the signal to exit with
         it, which init systems and scripts read as a failure.
         """
-        reactor = self.factory.reactor
-        if getattr(reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
-            reactor._exitSignal = None
+        clearExitSignal(self.factory.reactor, (signal.SIGTERM, signal.SIGINT))

@@ -20,18 +20,18 @@ Where pidfds are missing it falls back to Twisted's C{SIGCHLD} reaping.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import process
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IProcessProtocol, IReactorCore
+from twisted.internet.interfaces import IProcessProtocol, IReactorCore, IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
-from twisted.internet.interfaces import IReadDescriptor
+
+from twisted_closewatch import _compat
+from twisted_closewatch.pipes import PIPE_SIZE, resizePipe
 
 if TYPE_CHECKING:
     from twisted_closewatch.guardian import Guardian
@@ -41,12 +41,6 @@ log = Logger()
 #: How much one read from a worker's stdout takes at most.  Twisted reads
 #: 8 KiB; larger reads cut the per-byte overhead of the relay.
 READ_SIZE = 128 * 1024
-
-#: Linux pipe capacity we ask for (the kernel default is 64 KiB).
-PIPE_SIZE = 1024 * 1024
-
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", None)
-
 
 def closeOnExecSweep() -> int:
     """
@@ -107,18 +101,7 @@ def raiseFileLimit() -> int:
     return hard
 
 
-def resizePipe(fd: int, size: int) -> None:
-    if _F_SETPIPE_SZ is None or size <= 0:
-        return
-    try:
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
-    except OSError:
-        # Over /proc/sys/fs/pipe-max-size or the per-user pipe budget: the
-        # default capacity still works, only slower.
-        pass
-
-
-class _WorkerOutput(process.ProcessReader):
+class _WorkerOutput(_compat.ProcessReader):
     """
     A worker's stdout or stderr, read in large chunks.
     """
@@ -129,10 +112,10 @@ class _WorkerOutput(process.ProcessReader):
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EINTR):
                 return None
-            return process.CONNECTION_LOST
+            return _compat.CONNECTION_LOST
         if not data:
             self.proc.beforeTeardown()
-            return process.CONNECTION_DONE
+            return _compat.CONNECTION_DONE
         self.dataReceived(data)
         return None
 
@@ -186,7 +169,7 @@ class _ExitNotifier:
 _DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
-class WorkerProcess(process.Process):
+class WorkerProcess(_compat.Process):
     """
     A worker: a session leader with stdin, stdout and stderr pipes.
 
@@ -215,7 +198,7 @@ class WorkerProcess(process.Process):
         for pipe in self.pipes.values():
             resizePipe(pipe.fileno(), pipeSize)
         if self.pid is not None:
-            self._watchExit(reactor)
+            self._watchExit(reactor, self.pid)
 
     def _trySpawnInsteadOfFork(
         self,
@@ -245,22 +228,22 @@ class WorkerProcess(process.Process):
         self.status = -1
         return True
 
-    def _watchExit(self, reactor: Any) -> None:
+    def _watchExit(self, reactor: Any, pid: int) -> None:
         pidfdOpen = getattr(os, "pidfd_open", None)
         if pidfdOpen is None:
             return
         try:
-            pidfd = pidfdOpen(self.pid)
+            pidfd = pidfdOpen(pid)
         except OSError:
             return
         # Twisted registered us for SIGCHLD reaping; the pidfd replaces that.
-        process.unregisterReapProcessHandler(self.pid, self)
+        _compat.unregisterReapHandler(pid, self)
         self._exitNotifier = _ExitNotifier(pidfd, self)
         reactor.addReader(self._exitNotifier)
 
-    def _leaderExited(self) -> bool:
+    def _leaderExited(self, pid: int) -> bool:
         try:
-            result = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            result = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return True
         return result is not None
@@ -273,7 +256,7 @@ class WorkerProcess(process.Process):
         """
         if self.pid is None:
             return
-        if not self._leaderExited():
+        if not self._leaderExited(self.pid):
             return
         try:
             os.killpg(self.pid, signal.SIGKILL)
@@ -292,8 +275,8 @@ class WorkerProcess(process.Process):
         if self._exitNotifier is not None:
             self._exitNotifier.close(self._reactor)
             self._exitNotifier = None
-        elif pid in process.reapProcessHandlers:
-            process.unregisterReapProcessHandler(pid, self)
+        else:
+            _compat.unregisterReapHandler(pid, self)
         self.processEnded(status)
 
     def mute(self) -> None:
@@ -308,7 +291,11 @@ class WorkerProcess(process.Process):
         """
         for pipe in self.pipes.values():
             pipe.stopReading()
-            pipe.stopWriting()
+            # Not a stdin being closed (--half-close forward): it ends only
+            # once it is written to, and a reap's loseConnection would not
+            # start it writing again.
+            if not pipe.disconnecting:
+                pipe.stopWriting()
 
     def drainStderr(self) -> None:
         """
@@ -322,14 +309,13 @@ class WorkerProcess(process.Process):
         """
         Signal the worker's whole process group.
         """
-        if isinstance(signalID, str):
-            signalID = getattr(signal, f"SIG{signalID}")
+        number = getattr(signal, f"SIG{signalID}") if isinstance(signalID, str) else signalID
         if self.pid is None:
             raise ProcessExitedAlready()
         try:
-            os.killpg(self.pid, signalID)
+            os.killpg(self.pid, number)
         except ProcessLookupError:
-            raise ProcessExitedAlready()
+            raise ProcessExitedAlready() from None
 
 
 def spawnWorker(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.application.service import IService
 from twisted.logger import Logger
 
-from twisted_closewatch import liveness, logs, metrics
+from twisted_closewatch import logs, metrics, tcp
 from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.listening import CannotListen
 from twisted_closewatch.options import Options
@@ -32,9 +32,9 @@ def makeService(options: Options) -> IService:
     # Logged before twistd starts its log observers: Twisted buffers these
     # and emits them once logging begins.
     for warning in [
-        *liveness.platformWarnings(
+        *tcp.platformWarnings(
             options["config"],
-            zip(options["listen"], options["endpoints"]),
+            zip(options["listen"], options["endpoints"], strict=True),
             options["keepalive-given"],
         ),
         *options["warnings"],
@@ -54,5 +54,5 @@ def makeService(options: Options) -> IService:
     try:
         service.bind()
     except CannotListen as e:
-        raise SystemExit(f"closewatch: {e}")
+        raise SystemExit(f"closewatch: {e}") from None
     return service

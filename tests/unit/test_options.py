@@ -24,12 +24,12 @@ from twisted.python import usage
 from twisted.trial.unittest import SkipTest, TestCase
 
 import twisted_closewatch
-from twisted_closewatch import liveness
+from twisted_closewatch import tcp
 from twisted_closewatch.config import MAX_USER_TIMEOUT, Config
 from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.listening import CannotListen, Listener
 from twisted_closewatch.options import Options
-from twisted_closewatch.relay import describeAddress
+from twisted_closewatch.addresses import describe
 from twisted_closewatch.service import CloseWatchService
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,7 +60,7 @@ class UserTimeoutTests(TestCase):
     def test_followsKeepalive(self) -> None:
         config = parse(*KEEPALIVE)["config"]
         self.assertEqual(config.userTimeout, 3)
-        self.assertEqual(liveness.keepaliveDeadline(config), 3)
+        self.assertEqual(tcp.keepaliveDeadline(config), 3)
 
     def test_followsEachOption(self) -> None:
         self.assertEqual(parse("--keepalive-idle", "30")["config"].userTimeout, 90)
@@ -76,8 +76,8 @@ class UserTimeoutTests(TestCase):
         self.assertEqual(config, Config(argv=("/bin/true",)))
         self.assertEqual(config.userTimeout, 120)
         self.assertEqual(
-            liveness.keepaliveDeadline(config),
-            liveness.keepaliveDeadline(Config(userTimeout=0)),
+            tcp.keepaliveDeadline(config),
+            tcp.keepaliveDeadline(Config(userTimeout=0)),
         )
 
     def test_explicitWins(self) -> None:
@@ -123,8 +123,8 @@ class KeepaliveWarningTests(TestCase):
     def test_unixWarning(self) -> None:
         unix = UNIXServerEndpoint(MemoryReactor(), "/nonexistent/x.sock")
         endpoints = [("unix:/nonexistent/x.sock", unix)]
-        self.assertEqual(liveness.platformWarnings(Config(), endpoints, False), [])
-        [warning] = liveness.platformWarnings(Config(), endpoints, True)
+        self.assertEqual(tcp.platformWarnings(Config(), endpoints, False), [])
+        [warning] = tcp.platformWarnings(Config(), endpoints, True)
         self.assertIn("'unix:/nonexistent/x.sock'", warning)
 
 
@@ -200,11 +200,11 @@ class VersionTests(TestCase):
 
 class DescribeAddressTests(TestCase):
     def test_addresses(self) -> None:
-        self.assertEqual(describeAddress(IPv4Address("TCP", "10.0.0.1", 5)), "10.0.0.1:5")
-        self.assertEqual(describeAddress(IPv6Address("TCP", "::1", 5)), "[::1]:5")
-        self.assertEqual(describeAddress(UNIXAddress(b"/run/client.sock")), "/run/client.sock")
-        self.assertEqual(describeAddress(UNIXAddress("")), "unix peer")
-        self.assertEqual(describeAddress(UNIXAddress(None)), "unix peer")
+        self.assertEqual(describe(IPv4Address("TCP", "10.0.0.1", 5)), "10.0.0.1:5")
+        self.assertEqual(describe(IPv6Address("TCP", "::1", 5)), "[::1]:5")
+        self.assertEqual(describe(UNIXAddress(b"/run/client.sock")), "/run/client.sock")
+        self.assertEqual(describe(UNIXAddress("")), "unix peer")
+        self.assertEqual(describe(UNIXAddress(None)), "unix peer")
 
 
 class _Endpoint:

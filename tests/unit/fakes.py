@@ -1,0 +1,330 @@
+"""
+In-memory stand-ins for what a relay talks to: a worker, a close watch, a
+socket probe, a half-closeable transport, a worker process; and a harness
+that connects a relay to them on a fake clock.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
+from twisted_closewatch.closewatch import ICloseWatch
+from twisted_closewatch.config import Config
+from twisted_closewatch.record import ConnectionRecord, EndReason
+from twisted_closewatch.relay import Relay, SpawnFailed, connect
+from twisted_closewatch.worker import IWorker, IWorkerSink
+
+
+@implementer(IPushProducer)
+class FakeProducer:
+    def __init__(self) -> None:
+        self.paused = False
+        self.drained = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = False
+
+
+@implementer(IWorker)
+class FakeWorker:
+    """
+    A worker that records what the relay does to it; the test plays its
+    events through the relay's L{IWorkerSink} methods.
+    """
+
+    pid = 4242
+    #: Whether a kill leaves it dying (C{SIGKILL}), not in a grace period.
+    dying = True
+
+    def __init__(self, sink: IWorkerSink, actions: list[str]) -> None:
+        self.sink = sink
+        self.actions = actions
+        self.stdin = b""
+        self.stdinClosed = False
+        self.kills = 0
+        self.outputProducer = FakeProducer()
+        self.inputPacedProducer: Any = None
+
+    def write(self, data: bytes) -> None:
+        self.stdin += data
+
+    def closeStdin(self) -> None:
+        self.stdinClosed = True
+
+    def paceInput(self, producer: IPushProducer) -> None:
+        self.inputPacedProducer = producer
+
+    def stdinFull(self) -> None:
+        self.inputPacedProducer.pauseProducing()
+
+    def stdinDrained(self) -> None:
+        self.inputPacedProducer.resumeProducing()
+
+    def stdinClosedByWorker(self) -> None:
+        self.inputPacedProducer.stopProducing()
+
+    def drainOutput(self) -> None:
+        self.outputProducer.drained = True
+
+    def kill(self) -> bool:
+        self.kills += 1
+        self.actions.append("kill")
+        return self.dying
+
+
+@implementer(ICloseWatch)
+class FakeCloseWatch:
+    def __init__(self, actions: list[str] | None = None) -> None:
+        self.watched: dict[int, tuple[Any, Any]] = {}
+        self.polls = 0
+        self.actions = [] if actions is None else actions
+
+    def watch(self, fd: int, onClosed: Any, onReset: Any) -> None:
+        self.watched[fd] = (onClosed, onReset)
+
+    def unwatch(self, fd: int) -> None:
+        if self.watched.pop(fd, None) is not None:
+            self.actions.append("unwatch")
+
+    def poll(self) -> None:
+        self.polls += 1
+
+    def stop(self) -> None:
+        self.watched.clear()
+
+    def sawClose(self, fd: int) -> None:
+        self.watched[fd][0]()
+
+    def sawReset(self, fd: int) -> None:
+        onReset = self.watched.pop(fd)[1]
+        onReset()
+
+
+class FakeProbe:
+    """
+    A client socket's facts, as the test sets them.
+    """
+
+    fd = 17
+
+    def __init__(self, actions: list[str]) -> None:
+        self.actions = actions
+        self.fin = EndReason.CLIENT_CLOSED
+        self.loss = EndReason.CLIENT_RESET
+        self.unreadBytes = 0
+        self.closed = False
+        self.configuredWith: Config | None = None
+
+    def configure(self, config: Config) -> None:
+        self.configuredWith = config
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def finReason(self) -> EndReason:
+        self.actions.append("probe")
+        return self.fin
+
+    def lossReason(self, config: Config) -> EndReason:
+        self.actions.append("probe")
+        return self.loss
+
+    def unread(self) -> int:
+        return self.unreadBytes
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class HalfCloseableTransport(StringTransport):
+    """
+    A L{StringTransport} that can send a FIN and keep reading, and that
+    (like Twisted's TCP transport) may be resumed while closing.
+    """
+
+    writeClosed = False
+    producerPaused = False
+
+    def __init__(self, peerAddress: Any = None) -> None:
+        super().__init__(peerAddress=peerAddress, lenient=True)
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+
+class Harness:
+    """
+    A relay connected to a L{HalfCloseableTransport} through a
+    L{ByteStreamClient}, to a L{FakeWorker}, a L{FakeCloseWatch} and a
+    L{FakeProbe}, on a L{MemoryReactorClock}.
+    """
+
+    def __init__(
+        self,
+        spawnError: OSError | None = None,
+        dying: bool = True,
+        reapedWhileSpawning: bool = False,
+        **config: Any,
+    ) -> None:
+        self._dying = dying
+        self._reapedWhileSpawning = reapedWhileSpawning
+        self.actions: list[str] = []
+        self.clock = MemoryReactorClock()
+        self.config = Config(argv=("/bin/cat",), **config)
+        self.watch = FakeCloseWatch(self.actions)
+        self.probe = FakeProbe(self.actions)
+        self.record = ConnectionRecord(7, "192.168.1.1:54321")
+        self.ended: list[ConnectionRecord] = []
+        self.workers: list[FakeWorker] = []
+        self._spawnError = spawnError
+        self.transport = HalfCloseableTransport()
+        self.client = ByteStreamClient(
+            self._connect, self.clock, probe=lambda transport: self.probe
+        )
+        self.client.makeConnection(self.transport)
+
+    def _connect(self, client: IClient) -> IClientEvents:
+        self.connection = connect(
+            client,
+            self.record,
+            self.ended.append,
+            lambda: Relay(
+                client,
+                self.record,
+                self.config,
+                self.clock,
+                self.watch,
+                self._startWorker,
+                self.ended.append,
+            ),
+        )
+        return self.connection
+
+    def _startWorker(self, sink: IWorkerSink) -> FakeWorker:
+        if self._spawnError is not None:
+            raise self._spawnError
+        worker = FakeWorker(sink, self.actions)
+        worker.dying = self._dying
+        self.workers.append(worker)
+        if self._reapedWhileSpawning:
+            sink.workerReaped()
+        return worker
+
+    @property
+    def relay(self) -> Relay:
+        assert isinstance(self.connection, Relay)
+        return self.connection
+
+    @property
+    def worker(self) -> FakeWorker:
+        return self.workers[0]
+
+    def workerExits(self, code: int = 0) -> None:
+        self.relay.workerReaped()
+        self.relay.workerEnded(code, None)
+
+    def workerKilled(self) -> None:
+        self.relay.workerReaped()
+        self.relay.workerEnded(None, 9)
+
+    def reap(self) -> None:
+        """
+        The killed worker is reaped (its output has not ended yet).
+        """
+        self.relay.workerReaped()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.client.connectionLost(reason)
+
+
+def spawnFailure() -> OSError:
+    return OSError(errno.EMFILE, "Too many open files")
+
+
+def processEnded(code: int | None = 0, signal: int | None = None) -> Failure:
+    if signal is None and code == 0:
+        return Failure(ProcessDone(0))
+    return Failure(ProcessTerminated(code, signal))
+
+
+class FakePipe:
+    def __init__(self) -> None:
+        self.reading = True
+        self.disconnecting = False
+        self.bufferSize = 0
+
+    def startReading(self) -> None:
+        self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+
+class FakeProcess:
+    """
+    A worker process transport, as L{twisted_closewatch.spawn.WorkerProcess}
+    is one: signals reach its group until it has exited.
+    """
+
+    pid = 5151
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.pipes = {0: FakePipe(), 1: FakePipe(), 2: FakePipe()}
+        self.signals: list[str] = []
+        self.stdin = b""
+        self.stdinClosed = False
+        self.lost = False
+        self.exited = False
+        self.muted = False
+        self.stderrDrained = False
+        self.producer: Any = None
+        protocol.makeConnection(self)
+
+    def write(self, data: bytes) -> None:
+        self.stdin += data
+
+    def closeStdin(self) -> None:
+        self.stdinClosed = True
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def signalProcess(self, name: str) -> None:
+        if self.exited:
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+    def mute(self) -> None:
+        self.muted = True
+
+    def drainStderr(self) -> None:
+        self.stderrDrained = True
+
+    def exit(self, code: int | None = 0, signal: int | None = None) -> None:
+        """
+        Reaped, then its pipes end.
+        """
+        self.exited = True
+        self.protocol.processExited(processEnded(code, signal))
+        self.protocol.processEnded(processEnded(code, signal))
+
+
+__all__ = ["Harness", "SpawnFailed"]

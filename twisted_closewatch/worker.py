@@ -1,0 +1,311 @@
+"""
+A worker, as the relay sees it: a handle that owns the process, its kill and
+its timers.
+
+L{WorkerHandle} is to one worker what procmon's service is to its
+processes: it owns the pid, the kill (the whole process group, C{SIGTERM}
+then, after C{--grace}, C{SIGKILL}: procmon's C{killTime} and "murder"
+timer), and the C{--max-lifetime} timer, and cancels both when the worker
+is reaped.  It tells its relay (an L{IWorkerSink}) what the worker does.
+The relay sees it through L{IWorker} only, so that another way of starting
+workers (a spawner) or a fake in a test can stand in for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from twisted_closewatch.config import Config
+from twisted_closewatch.record import ConnectionRecord
+
+log = Logger()
+
+#: Longest stderr line logged as one event; longer lines are cut.
+STDERR_LINE_MAX = 4096
+#: Stderr lines logged per connection per second; the rest are counted.
+STDERR_LINES_PER_SECOND = 50
+
+
+class IWorkerSink(Interface):
+    """
+    What a worker tells its relay.
+    """
+
+    def workerOutput(data: bytes) -> None:
+        """
+        The worker wrote C{data} to its stdout.
+        """
+
+    def workerLifetimeOver() -> None:
+        """
+        The worker has run for C{--max-lifetime}.
+        """
+
+    def workerReaped() -> None:
+        """
+        The worker has been reaped (its output may not have ended yet).
+        """
+
+    def workerEnded(exitCode: int | None, exitSignal: int | None) -> None:
+        """
+        The worker has been reaped and its output has ended.
+        """
+
+
+class IWorker(Interface):
+    """
+    What a relay does to its worker.
+    """
+
+    pid = Attribute("The worker's process id (and process group id).")
+    outputProducer = Attribute(
+        "An IPushProducer pausing the worker's output while the client does not read."
+    )
+
+    def write(data: bytes) -> None:
+        """
+        Write C{data} to the worker's stdin.
+        """
+
+    def closeStdin() -> None:
+        """
+        End the worker's input (EOF).
+        """
+
+    def paceInput(producer: IPushProducer) -> None:
+        """
+        Pause C{producer} (reading the client) while the worker's stdin is
+        full, resume it when it drains, stop it when the worker closes it.
+        """
+
+    def drainOutput() -> None:
+        """
+        Read the rest of the worker's output, unpaced, so that its end is seen.
+        """
+
+    def kill() -> bool:
+        """
+        Kill the worker's whole process group (after C{--grace}, if any); the
+        rest of its output is not needed any more.
+
+        @return: whether it was sent C{SIGKILL} and is dying now, so that its
+            reap will be told very soon (L{IWorkerSink.workerReaped}).
+        """
+
+
+#: Starts a worker reporting to the given sink.  May raise L{OSError}.
+WorkerStarter = Callable[[IWorkerSink], IWorker]
+
+
+class _StderrLogger:
+    """
+    Turns a worker's stderr into one log event per line, bounded in line
+    length and in rate so that a flooding worker cannot flood the log.
+    """
+
+    def __init__(self, clock: IReactorTime, record: ConnectionRecord) -> None:
+        self._clock = clock
+        self._record = record
+        self._partial = b""
+        self._window = 0
+        self._logged = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > STDERR_LINE_MAX:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._emit(line)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._emit(self._partial)
+            self._partial = b""
+
+    def _emit(self, line: bytes) -> None:
+        window = int(self._clock.seconds())
+        if window != self._window:
+            self._window, self._logged = window, 0
+        if self._logged >= STDERR_LINES_PER_SECOND:
+            self._record.stderrDropped += 1
+            return
+        self._logged += 1
+        log.info(
+            "[{connection_id}] worker {pid} stderr: {line}",
+            connection_id=self._record.connectionID,
+            pid=self._record.pid,
+            line=line[:STDERR_LINE_MAX].decode("utf-8", "replace").rstrip("\r"),
+        )
+
+
+@implementer(IPushProducer)
+class _WorkerReading:
+    """
+    Registered with the client: a client that does not read pauses reading
+    the worker's stdout.
+    """
+
+    def __init__(self, process: Any) -> None:
+        self._process = process
+
+    def pauseProducing(self) -> None:
+        stdout = self._process.pipes.get(1)
+        if stdout is not None:
+            stdout.stopReading()
+
+    def resumeProducing(self) -> None:
+        stdout = self._process.pipes.get(1)
+        # Not a pipe being closed (see WorkerHandle.kill): reading it again
+        # could end it twice.
+        if stdout is not None and not stdout.disconnecting:
+            stdout.startReading()
+
+    def stopProducing(self) -> None:
+        # The client is gone: read (and drop) the rest, or a stdout paused
+        # by a full client buffer would never show the killed worker's EOF,
+        # and its end would never be reported.
+        self.resumeProducing()
+
+
+class _WorkerProtocol(ProcessProtocol):
+    """
+    The worker's process protocol: its events, to its handle and sink.
+    """
+
+    pid: int
+
+    def __init__(self, handle: WorkerHandle, sink: IWorkerSink, stderr: _StderrLogger) -> None:
+        self._handle = handle
+        self._sink = sink
+        self._stderr = stderr
+
+    def connectionMade(self) -> None:
+        # Now: Twisted may reap a worker that exits at once before the spawn
+        # returns, and the pid is forgotten then.
+        self.pid = getattr(self.transport, "pid", 0)
+
+    def outReceived(self, data: bytes) -> None:
+        self._sink.workerOutput(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr.dataReceived(data)
+
+    def processExited(self, reason: Failure) -> None:
+        self._handle._reaped()
+
+    def processEnded(self, reason: Failure) -> None:
+        self._stderr.flush()
+        self._handle._ended(reason)
+
+
+@implementer(IWorker)
+class WorkerHandle:
+    """
+    One worker process, its kill and its timers.
+
+    @param spawn: starts the process with the given protocol and returns
+        its process transport (whose C{signalProcess} signals the group).
+    @param onEnded: called once the worker is reaped, before the sink hears
+        of it (the server gives the worker's slot back).
+    """
+
+    _graceCall: IDelayedCall | None = None
+    _lifetimeCall: IDelayedCall | None = None
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        config: Config,
+        sink: IWorkerSink,
+        record: ConnectionRecord,
+        spawn: Callable[[ProcessProtocol], Any],
+        onEnded: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._clock = clock
+        self._grace = config.grace
+        self._sink = sink
+        self._onEnded = onEnded
+        self._isReaped = False
+        self._abandoned = False
+        protocol = _WorkerProtocol(self, sink, _StderrLogger(clock, record))
+        self._process = spawn(protocol)
+        self.pid = protocol.pid
+        self.outputProducer = _WorkerReading(self._process)
+        self._process.pipes[0].bufferSize = config.readAhead - config.clientReadSize
+        if config.maxLifetime:
+            self._lifetimeCall = clock.callLater(config.maxLifetime, sink.workerLifetimeOver)
+
+    def write(self, data: bytes) -> None:
+        self._process.write(data)
+
+    def closeStdin(self) -> None:
+        self._process.closeStdin()
+
+    def paceInput(self, producer: IPushProducer) -> None:
+        self._process.registerProducer(producer, True)
+
+    def drainOutput(self) -> None:
+        self.outputProducer.resumeProducing()
+
+    def kill(self) -> bool:
+        """
+        The signal first: with C{SIGKILL} at once or, given a grace period,
+        with C{SIGTERM} first and C{SIGKILL} once the grace is over, unless
+        it is reaped before.
+
+        A worker sent C{SIGKILL} is muted until its reap: its pipes' closing
+        would wake the server ahead of the dying worker (see the "Kill path"
+        section of C{bench/README.md}); its stderr is drained at the reap.
+        """
+        dying = False
+        if not self._grace:
+            dying = self._signal("KILL") and not self._isReaped
+            if dying:
+                self._process.mute()
+        elif self._graceCall is None and self._signal("TERM"):
+            self._graceCall = self._clock.callLater(self._grace, self._signal, "KILL")
+        self._abandoned = True
+        if self._isReaped:
+            self._process.loseConnection()
+        return dying
+
+    def _signal(self, name: str) -> bool:
+        """
+        Signal the worker's group; C{False} if it is gone already.
+        """
+        try:
+            self._process.signalProcess(name)
+        except ProcessExitedAlready:
+            return False
+        return True
+
+    def _reaped(self) -> None:
+        """
+        The worker is reaped and its group killed; its pipes end when the
+        last process holding them does, and that may be one that left the
+        group (a daemon that called setsid).  Once the client is gone nobody
+        needs the rest, so stop waiting for it.
+        """
+        self._isReaped = True
+        if self._abandoned:
+            self._process.drainStderr()
+            self._process.loseConnection()
+        self._sink.workerReaped()
+
+    def _ended(self, reason: Failure) -> None:
+        for call in (self._lifetimeCall, self._graceCall):
+            if call is not None and call.active():
+                call.cancel()
+        self._onEnded()
+        status = reason.value
+        self._sink.workerEnded(getattr(status, "exitCode", None), getattr(status, "signal", None))
