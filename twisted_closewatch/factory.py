@@ -31,9 +31,8 @@ when the connection has ended: it logs and counts from that record.
 from __future__ import annotations
 
 import itertools
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -42,13 +41,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel
 
 from twisted_closewatch import access, limits, spawn
-from twisted_closewatch.addresses import describe, peerKey, ucspiEnvironment
+from twisted_closewatch.addresses import describe, peerKey
 from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
 from twisted_closewatch.closewatch import ICloseWatch, makeCloseWatch
 from twisted_closewatch.config import Config
 from twisted_closewatch.record import ConnectionRecord, EndReason
 from twisted_closewatch.relay import Relay, SpawnFailed, connect
-from twisted_closewatch.worker import IWorkerSink, WorkerHandle
+from twisted_closewatch.worker import IWorkerSink, ProcessStarter, WorkerHandle
 
 if TYPE_CHECKING:
     from twisted_closewatch.guardian import Guardian
@@ -67,11 +66,12 @@ class CloseWatchFactory(Factory):
     header has named it), and L{connectionReady} once the connection is
     ready for a worker (at once, or once its TLS handshake is done).
 
-    @ivar connections: the connections alive now, by connection id.
+    @ivar connections: the connections alive now.
     @ivar limits: the slots admitted connections hold, and the places at
         the front doors.
     @ivar access: the address rules and rate limit new clients are screened
         by.
+    @ivar workers: how a connection's worker is started.
     @ivar metrics: where accepts, spawns and ends are counted, if anywhere.
     @ivar guardian: what kills the workers if the server dies, if anything
         (L{twisted_closewatch.service.CloseWatchService} sets it).
@@ -101,20 +101,26 @@ class CloseWatchFactory(Factory):
         self.reactor = reactor
         self.config = config
         self.metrics = metrics
-        self.connections: dict[int, Relay | SpawnFailed] = {}
-        self._serverEnvironment = dict(os.environ)
+        self.connections = LiveConnections()
         self.limits = limits.Limits(config.maxWorkers, config.maxPerPeer, config.maxHandshakes)
         self.access = access.AccessPolicy(config, reactor)
         self._ids = itertools.count(1)
         self._closeWatch = closeWatch
-        self._spawnProcess = spawnProcess
-        self._allEnded: list[defer.Deferred[None]] = []
+        self.workers = ProcessStarter(
+            reactor, config, lambda: self.guardian, self._killFirst, spawnProcess
+        )
 
     @property
     def closeWatch(self) -> ICloseWatch:
         if self._closeWatch is None:
             self._closeWatch = makeCloseWatch(self.reactor)
         return self._closeWatch
+
+    def _killFirst(self) -> None:
+        """
+        Kill whoever has left by now, before the teardown work of an end.
+        """
+        self.closeWatch.poll()
 
     def startFactory(self) -> None:
         spawn.closeOnExecSweep()
@@ -168,14 +174,7 @@ class CloseWatchFactory(Factory):
         C{reason}; a C{detail} (what was wrong with what the client sent)
         makes the line a warning.
         """
-        log.emit(
-            LogLevel.info if detail is None else LogLevel.warn,
-            "refused {peer}: {reason}" + ("" if detail is None else " ({detail})"),
-            peer=peerKey(addr) or describe(addr),
-            reason=reason,
-            detail=detail,
-            refused=True,
-        )
+        _logRefusal(addr, reason, detail)
         if self.metrics is not None:
             self.metrics.refused(reason)
 
@@ -197,19 +196,8 @@ class CloseWatchFactory(Factory):
                 ended,
             ),
         )
-        self.connections[connectionID] = connection
+        self.connections.add(connectionID, connection)
         return connection
-
-    def workerEnvironment(self, client: IClient, connectionID: int) -> Mapping[str, str]:
-        """
-        The server's environment (as it was when the factory was made), the
-        connection's UCSPI variables and id, then C{--env}.
-        """
-        env = self._serverEnvironment.copy()
-        env.update(ucspiEnvironment(client.host, client.peer))
-        env["CLOSEWATCH_CONNECTION_ID"] = str(connectionID)
-        env.update(self.config.env)
-        return env
 
     def _startWorker(
         self, slot: limits.Slot, client: IClient, record: ConnectionRecord, sink: IWorkerSink
@@ -221,22 +209,7 @@ class CloseWatchFactory(Factory):
         @raise OSError: it could not be started.
         """
         started = time.perf_counter()
-        worker = WorkerHandle(
-            self.reactor,
-            self.config,
-            sink,
-            record,
-            partial(
-                self._spawnProcess,
-                self.reactor,
-                argv=self.config.argv,
-                environment=self.workerEnvironment(client, record.connectionID),
-                pipeSize=self.config.pipeSize,
-                guardian=self.guardian,
-                beforeTeardown=self.closeWatch.poll,
-            ),
-            partial(self._reaped, slot),
-        )
+        worker = self.workers.start(sink, client, record, partial(self._reaped, slot))
         if self.metrics is not None:
             self.metrics.spawned(time.perf_counter() - started)
         return worker
@@ -251,18 +224,13 @@ class CloseWatchFactory(Factory):
         A connection has ended: log its end, count it, give its slot back if
         its worker did not (it never started), forget it.
         """
-        # Logging is the dearest part of an end: kill whoever else has left
-        # meanwhile first.
-        self.closeWatch.poll()
-        self.connections.pop(record.connectionID, None)
+        # Logging is the dearest part of an end.
+        self._killFirst()
         slot.release()
         _logEnd(record)
         if self.metrics is not None:
             self.metrics.ended(record)
-        if not self.connections:
-            waiting, self._allEnded = self._allEnded, []
-            for d in waiting:
-                d.callback(None)
+        self.connections.remove(record.connectionID)
 
     def stopWorkers(self, reason: EndReason = EndReason.SERVER_STOPPING) -> defer.Deferred[None]:
         """
@@ -270,9 +238,41 @@ class CloseWatchFactory(Factory):
 
         @return: fires once every worker has been reaped.
         """
-        for connection in list(self.connections.values()):
+        return self.connections.stop(reason)
+
+
+class LiveConnections:
+    """
+    The connections alive now, by connection id, and who waits for none to
+    be.
+    """
+
+    def __init__(self) -> None:
+        self._connections: dict[int, Relay | SpawnFailed] = {}
+        self._allEnded: list[defer.Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def add(self, connectionID: int, connection: Relay | SpawnFailed) -> None:
+        self._connections[connectionID] = connection
+
+    def remove(self, connectionID: int) -> None:
+        self._connections.pop(connectionID, None)
+        if not self._connections:
+            waiting, self._allEnded = self._allEnded, []
+            for d in waiting:
+                d.callback(None)
+
+    def stop(self, reason: EndReason) -> defer.Deferred[None]:
+        """
+        Tell every connection its client must go.
+
+        @return: fires once none is left.
+        """
+        for connection in list(self._connections.values()):
             connection.clientGone(reason)
-        if not self.connections:
+        if not self._connections:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._allEnded.append(d)
@@ -299,4 +299,15 @@ def _logEnd(record: ConnectionRecord) -> None:
         bytes_out=record.bytesOut,
         kill_latency_ms=record.killLatencyMS,
         stderr_dropped=record.stderrDropped,
+    )
+
+
+def _logRefusal(addr: Any, reason: str, detail: str | None) -> None:
+    log.emit(
+        LogLevel.info if detail is None else LogLevel.warn,
+        "refused {peer}: {reason}" + ("" if detail is None else " ({detail})"),
+        peer=peerKey(addr) or describe(addr),
+        reason=reason,
+        detail=detail,
+        refused=True,
     )

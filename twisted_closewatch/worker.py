@@ -13,8 +13,10 @@ workers (a spawner) or a fake in a test can stand in for it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -23,8 +25,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from twisted_closewatch import spawn
+from twisted_closewatch.addresses import ucspiEnvironment
 from twisted_closewatch.config import Config
 from twisted_closewatch.record import ConnectionRecord
+
+if TYPE_CHECKING:
+    from twisted_closewatch.client import IClient
+    from twisted_closewatch.guardian import Guardian
 
 log = Logger()
 
@@ -309,3 +317,71 @@ class WorkerHandle:
         self._onEnded()
         status = reason.value
         self._sink.workerEnded(getattr(status, "exitCode", None), getattr(status, "signal", None))
+
+
+class ProcessStarter:
+    """
+    Starts each connection's worker as a process: its environment, its
+    spawn (L{spawn.spawnWorker}, or a stand-in with its signature), and the
+    L{WorkerHandle} that owns it.
+
+    @param guardian: the guardian workers are registered with, if any, when
+        they start (the service sets it after the factory is made).
+    @param beforeTeardown: what a worker's exit runs before its own
+        teardown (the close watch's poll: kills first).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        guardian: Callable[[], Guardian | None],
+        beforeTeardown: Callable[[], None],
+        spawnProcess: Callable[..., Any] = spawn.spawnWorker,
+    ) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._guardian = guardian
+        self._beforeTeardown = beforeTeardown
+        self._spawnProcess = spawnProcess
+        self._serverEnvironment = dict(os.environ)
+
+    def environment(self, client: IClient, connectionID: int) -> dict[str, str]:
+        """
+        The server's environment (as it was when the starter was made), the
+        connection's UCSPI variables and id, then C{--env}.
+        """
+        env = self._serverEnvironment.copy()
+        env.update(ucspiEnvironment(client.host, client.peer))
+        env["CLOSEWATCH_CONNECTION_ID"] = str(connectionID)
+        env.update(self._config.env)
+        return env
+
+    def start(
+        self,
+        sink: IWorkerSink,
+        client: IClient,
+        record: ConnectionRecord,
+        onEnded: Callable[[], None],
+    ) -> WorkerHandle:
+        """
+        Start the worker of C{client}'s connection.
+
+        @raise OSError: it could not be started.
+        """
+        return WorkerHandle(
+            self._reactor,
+            self._config,
+            sink,
+            record,
+            partial(
+                self._spawnProcess,
+                self._reactor,
+                argv=self._config.argv,
+                environment=self.environment(client, record.connectionID),
+                pipeSize=self._config.pipeSize,
+                guardian=self._guardian(),
+                beforeTeardown=self._beforeTeardown,
+            ),
+            onEnded,
+        )
