@@ -25,11 +25,11 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 import twisted_closewatch
 from twisted_closewatch import tcp
+from twisted_closewatch.addresses import describe
 from twisted_closewatch.config import MAX_USER_TIMEOUT, Config
 from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.listening import CannotListen, Listener
 from twisted_closewatch.options import Options
-from twisted_closewatch.addresses import describe
 from twisted_closewatch.service import CloseWatchService
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
