@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -86,7 +87,7 @@ class Guardian:
         readEnd, writeEnd = os.pipe2(os.O_CLOEXEC)
         try:
             self._process = self._reactor.spawnProcess(
-                _GuardianProtocol(self),
+                HelperProtocol(self._ended),
                 sys.executable,
                 # Isolated (-I -S): no PYTHON* variables, no site
                 # directories; it needs the standard library only.
@@ -212,14 +213,19 @@ class Guardian:
         return "closewatch-guardian"
 
 
-class _GuardianProtocol(ProcessProtocol):
-    def __init__(self, guardian: Guardian) -> None:
-        self._guardian = guardian
+class HelperProtocol(ProcessProtocol):
+    """
+    A helper process of the server (the guardian, the spawner): its end,
+    with its pid, goes to C{ended}.
+    """
+
+    def __init__(self, ended: Callable[[int, Failure], None]) -> None:
+        self._ended = ended
         self._pid: int | None = None
 
     def connectionMade(self) -> None:
         self._pid = getattr(self.transport, "pid", None)
 
     def processEnded(self, reason: Failure) -> None:
-        self._guardian._ended(self._pid or 0, reason)
+        self._ended(self._pid or 0, reason)
 

@@ -1,0 +1,195 @@
+"""
+Containment settings, the spawner's wire format and the options that
+choose them, without a process.
+"""
+
+from __future__ import annotations
+
+import resource
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_closewatch import containment, spawnerprocess
+from twisted_closewatch.options import Options
+
+HYBRID = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+UNIFIED = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+V1_ONLY = "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+
+
+class AmountTests(SynchronousTestCase):
+    def test_units(self) -> None:
+        self.assertEqual(containment.parseAmount("64"), 64)
+        self.assertEqual(containment.parseAmount("256k"), 256 * 1024)
+        self.assertEqual(containment.parseAmount("256m"), 256 * 1024**2)
+        self.assertEqual(containment.parseAmount("2G"), 2 * 1024**3)
+        self.assertEqual(containment.parseAmount("unlimited"), resource.RLIM_INFINITY)
+
+    def test_bad(self) -> None:
+        for text in ("", "-1", "1.5m", "12x", "lots"):
+            self.assertRaises(containment.ContainmentError, containment.parseAmount, text)
+
+
+class RlimitTests(SynchronousTestCase):
+    def test_names(self) -> None:
+        self.assertEqual(
+            containment.parseRlimit("as=256m"), (resource.RLIMIT_AS, 256 * 1024**2)
+        )
+        self.assertEqual(containment.parseRlimit("nofile=64"), (resource.RLIMIT_NOFILE, 64))
+        self.assertEqual(containment.parseRlimit("CPU=5"), (resource.RLIMIT_CPU, 5))
+        self.assertEqual(set(containment.RLIMITS), {"as", "cpu", "data", "fsize", "nofile",
+                                                     "nproc", "core"})
+
+    def test_bad(self) -> None:
+        for text in ("stack=1m", "as", "=5", "as=", "nofile=many"):
+            with self.assertRaises(containment.ContainmentError) as caught:
+                containment.parseRlimit(text)
+            self.assertIn(f"--rlimit {text!r}", str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+
+
+class CgroupDiscoveryTests(SynchronousTestCase):
+    def test_hybrid(self) -> None:
+        self.assertEqual(containment.cgroup2Root(HYBRID), "/sys/fs/cgroup/unified")
+
+    def test_unified(self) -> None:
+        self.assertEqual(containment.cgroup2Root(UNIFIED), "/sys/fs/cgroup")
+
+    def test_none(self) -> None:
+        self.assertIsNone(containment.cgroup2Root(V1_ONLY))
+
+    def test_escapedPath(self) -> None:
+        line = "41 31 0:38 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n"
+        self.assertEqual(containment.cgroup2Root(line), "/mnt/my cgroups")
+
+    def test_ownCgroup(self) -> None:
+        text = "4:memory:/x\n0::/system.slice/closewatch.service\n"
+        self.assertEqual(containment.ownCgroup(text), "/system.slice/closewatch.service")
+        self.assertIsNone(containment.ownCgroup("4:memory:/x\n"))
+
+
+class ContainmentTests(SynchronousTestCase):
+    def test_cgroupOff(self) -> None:
+        """
+        C{--cgroup off} needs no cgroup v2 and gives none; limits need one.
+        """
+        self.assertEqual(containment.cgroupBase(containment.Containment(cgroup="off")), (None, None))
+        self.assertRaises(
+            containment.ContainmentError,
+            containment.cgroupBase,
+            containment.Containment(cgroup="off", cgroupLimits={"pids.max": "10"}),
+        )
+
+    def test_user(self) -> None:
+        self.assertEqual(containment.resolveUser("0"), (0, 0))
+        self.assertEqual(containment.resolveUser("root"), (0, 0))
+        self.assertRaises(containment.ContainmentError, containment.resolveUser, "no such user")
+        self.assertEqual(containment.resolveGroup("0"), 0)
+        self.assertRaises(containment.ContainmentError, containment.resolveGroup, "no such group")
+
+
+class WireFormatTests(SynchronousTestCase):
+    def test_request(self) -> None:
+        data = spawnerprocess.encodeRequest(
+            7, ["/bin/cat", "-u"], {"A": "1"}, cgroup="w7",
+            rlimits=[(resource.RLIMIT_NOFILE, 64)], uid=65534, gid=65534,
+        )
+        self.assertEqual(
+            spawnerprocess.decodeMessage(data),
+            {"id": 7, "argv": ["/bin/cat", "-u"], "env": {"A": "1"}, "cwd": None,
+             "cgroup": "w7", "rlimits": [[resource.RLIMIT_NOFILE, 64]], "uid": 65534,
+             "gid": 65534},
+        )
+
+    def test_pythonRequest(self) -> None:
+        message = spawnerprocess.decodeMessage(spawnerprocess.encodeRequest(1, None, {}))
+        self.assertIsNone(message["argv"])
+        self.assertIsNone(message["cgroup"])
+        self.assertEqual(message["rlimits"], [])
+
+    def test_notAnObject(self) -> None:
+        self.assertRaises(ValueError, spawnerprocess.decodeMessage, b"[1]")
+        self.assertRaises(ValueError, spawnerprocess.decodeMessage, b"{")
+
+    def test_descriptorsCloseOnExec(self) -> None:
+        """
+        Descriptors received with a message are close-on-exec, so that no
+        worker spawned meanwhile inherits another's pipe.
+        """
+        import os
+        import socket
+
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        r, w = os.pipe()
+        try:
+            socket.send_fds(a, [b"{}"], [r, w])
+            data, fds = spawnerprocess.recvFds(b, 3)
+            self.assertEqual(data, b"{}")
+            self.assertEqual(len(fds), 2)
+            self.assertEqual([os.get_inheritable(fd) for fd in fds], [False, False])
+            for fd in fds:
+                os.close(fd)
+        finally:
+            for fd in (r, w):
+                os.close(fd)
+            a.close()
+            b.close()
+
+    def test_exitStatus(self) -> None:
+        self.assertEqual(spawnerprocess._callEntryPoint(lambda: None), 0)
+        self.assertEqual(spawnerprocess._callEntryPoint(lambda: 3), 3)
+        self.assertEqual(spawnerprocess._callEntryPoint(lambda: 256 + 4), 4)
+
+        def exits() -> None:
+            raise SystemExit(5)
+
+        self.assertEqual(spawnerprocess._callEntryPoint(exits), 5)
+
+
+class OptionTests(SynchronousTestCase):
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(["--cgroup", "off", *args])
+        return options
+
+    def assertUsageError(self, args: tuple[str, ...], fragment: str) -> None:
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse(*args)
+        self.assertIn(fragment, str(caught.exception))
+
+    def test_badContainment(self) -> None:
+        for args, fragment in [
+            (("--python-worker", "m:f", "--", "/bin/cat"), "exclude each other"),
+            (("--python-worker", "justamodule"), "MODULE:FUNCTION"),
+            (("--cgroup", "maybe"), "--cgroup 'maybe'"),
+            (("--worker-memory", "256m"), "--worker-memory"),
+            (("--worker-memory", "lots"), "--worker-memory 'lots'"),
+            (("--worker-pids", "0"), "--worker-pids"),
+            (("--worker-group", "no such group"), "--worker-group"),
+        ]:
+            self.assertUsageError(args, fragment)
+
+    def test_containment(self) -> None:
+        config = self.parse(
+            "--rlimit", "nofile=64", "--rlimit", "as=1g", "--worker-user", "0",
+            "--", "/bin/cat",
+        )["config"]
+        self.assertEqual(
+            config.containment.rlimits,
+            ((resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_AS, 1024**3)),
+        )
+        self.assertEqual((config.containment.uid, config.containment.gid), (0, 0))
+        self.assertEqual(config.containment.cgroup, "off")
+        self.assertIsNone(config.pythonWorker)
+
+    def test_defaultIsWarm(self) -> None:
+        from twisted_closewatch import spawner
+
+        config = self.parse()["config"]
+        expected = "twisted_closewatch.sqlworker:main" if spawner.available() else None
+        self.assertEqual(config.pythonWorker, expected)

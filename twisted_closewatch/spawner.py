@@ -1,0 +1,523 @@
+"""
+Workers created by a small helper process, the spawner, instead of by the
+server itself.
+
+The server's descriptor table and memory grow with its connections, and a
+fork (or C{posix_spawn}'s clone) copies them: a spawn from the server gets
+slower the busier it is.  The spawner (L{twisted_closewatch.spawnerprocess})
+holds a handful of descriptors and a few MB, so a spawn costs the same at
+3,000 connections as at none.  It also makes warm Python workers possible:
+it imports a C{MODULE:FUNCTION} entry point once and forks a ready child
+per connection, and it applies L{Containment} in the child before the
+worker starts.
+
+The server keeps what matters on its side: it creates the worker's pipes
+and passes their ends over a unix socket (C{SCM_RIGHTS}); it gets the pid
+and a pidfd back, watches the pidfd in the reactor (so it sees every exit
+at once, as L{twisted_closewatch.spawn} does), and kills the worker itself:
+its process group, or its whole cgroup with C{cgroup.kill}.  The spawner is
+the workers' parent, so it reaps them and reports their exit status.
+
+A spawner that dies is replaced at once: the workers it had started are
+killed (their exit status is lost with it, and nothing would remove their
+cgroups or reap their orphans), their connections end, and the server goes
+on serving with the new spawner.  Its descriptors and sockets are
+close-on-exec in the server; it leads its own session and ignores
+C{SIGTERM}, C{SIGINT} and C{SIGHUP}, like the guardian, and when the server
+dies (its control socket ends) it kills every worker it started, setsid
+daemons included when they have cgroups.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import select
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IProcessProtocol, IReadDescriptor
+from twisted.internet.process import ProcessWriter, _BaseProcess
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_closewatch import spawnerprocess
+from twisted_closewatch import containment
+from twisted_closewatch.containment import Containment
+from twisted_closewatch.guardian import Guardian, HelperProtocol
+from twisted_closewatch.spawn import PIPE_SIZE, WorkerProcess, _ExitNotifier, resizePipe
+
+log = Logger()
+
+#: Seconds the spawner has to start up (and import a Python worker).
+START_TIMEOUT = 30.0
+#: Seconds the spawner has to answer a request.
+REQUEST_TIMEOUT = 10.0
+#: Seconds the spawner has to exit once its control socket is closed.
+STOP_TIMEOUT = 10.0
+#: The wait status reported for a worker whose spawner died before it did.
+KILLED_STATUS = signal.SIGKILL
+
+
+class SpawnerError(Exception):
+    """
+    The spawner could not start; its text is one line.
+    """
+
+
+def available() -> bool:
+    """
+    Whether workers can be started through a spawner here: it needs pidfds
+    (Linux 5.3+) and descriptor passing.
+    """
+    if not (hasattr(os, "pidfd_open") and hasattr(socket, "send_fds")):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
+def _command(config: Mapping[str, Any], *flags: str) -> list[str]:
+    """
+    The spawner's command line: isolated, so that it starts small and no
+    C{PYTHON*} variable changes it; it is given the server's C{sys.path}.
+    """
+    return [sys.executable, "-I", "-S", spawnerprocess.__file__, *flags, json.dumps(config)]
+
+
+def checkEntryPoint(entryPoint: str) -> str | None:
+    """
+    Import C{entryPoint} as the spawner will, in a throwaway process.
+
+    @return: why it fails, in one line, or C{None}.
+    """
+    import subprocess
+
+    result = subprocess.run(
+        _command({"sysPath": sys.path, "entryPoint": entryPoint}, "--check"),
+        check=False,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        timeout=START_TIMEOUT,
+    )
+    if result.returncode == 0:
+        return None
+    lines = result.stdout.decode("utf-8", "replace").splitlines()
+    return lines[0] if lines else f"the check exited with status {result.returncode}"
+
+
+class Spawner:
+    """
+    The server's side of the spawner: starts it, asks it for workers, hears
+    their exits, replaces it if it dies.
+
+    @param entryPoint: C{MODULE:FUNCTION} imported once by the spawner,
+        run in each worker started without C{argv}.
+    @param containment: applied to every worker.
+    """
+
+    _process: Any = None
+    _control: socket.socket | None = None
+    _events: _ExitReports | None = None
+    _stopCall: IDelayedCall | None = None
+    #: The server's own cgroup, and the one it makes there for its workers'.
+    cgroupHome: str | None = None
+    cgroupParent: str | None = None
+
+    def __init__(
+        self, reactor: Any, entryPoint: str | None, containment: Containment,
+        guardian: Guardian | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self.entryPoint = entryPoint
+        self.containment = containment
+        self.guardian = guardian
+        self._ids = itertools.count(1)
+        self._workers: dict[int, SpawnedWorker] = {}
+        self._stopping = False
+        self._stopped: list[defer.Deferred[None]] = []
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The spawner's pid while it runs.
+        """
+        return None if self._process is None else self._process.pid
+
+    def start(self) -> None:
+        """
+        Start the spawner and wait until it has imported the entry point.
+
+        @raise SpawnerError: it could not start, or the import failed.
+        """
+        if self.cgroupHome is None and self.containment.cgroup != "off":
+            try:
+                self.cgroupHome, _ = containment.cgroupBase(self.containment)
+                if self.cgroupHome is not None:
+                    self.cgroupParent = containment.makeServerCgroup(
+                        self.cgroupHome, f"closewatch-{os.getpid()}",
+                        self.containment.cgroupLimits,
+                    )
+            except containment.ContainmentError as e:
+                raise SpawnerError(str(e)) from None
+        control, controlChild = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        events, eventsChild = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        config = {
+            "sysPath": sys.path,
+            "entryPoint": self.entryPoint,
+            "cgroupParent": self.cgroupParent,
+            "cgroupHome": self.cgroupHome,
+            "cgroupLimits": self.containment.cgroupLimits,
+        }
+        try:
+            self._process = self._reactor.spawnProcess(
+                HelperProtocol(self._ended),
+                sys.executable,
+                _command(config),
+                env=dict(os.environ),
+                childFDs={0: devnull, 1: 2, 2: 2, 3: controlChild.fileno(),
+                          4: eventsChild.fileno()},
+            )
+        except OSError as e:
+            control.close()
+            events.close()
+            raise SpawnerError(f"cannot start the spawner: {e}") from None
+        finally:
+            os.close(devnull)
+            controlChild.close()
+            eventsChild.close()
+        self._control = control
+        control.settimeout(START_TIMEOUT)
+        try:
+            answer = spawnerprocess.decodeMessage(control.recv(spawnerprocess.MESSAGE_MAX))
+        except (OSError, ValueError) as e:
+            answer = {"error": f"no answer ({e or type(e).__name__})"}
+        if not answer.get("ready"):
+            self._control = None
+            control.close()
+            events.close()
+            raise SpawnerError(str(answer.get("error", "it ended at start-up")))
+        self._events = _ExitReports(self, events)
+        self._reactor.addReader(self._events)
+        log.info("spawner {spawner_pid} started", spawner_pid=self.pid)
+
+    def spawn(
+        self,
+        protocol: IProcessProtocol,
+        argv: Sequence[str] | None,
+        environment: Mapping[str, str],
+        pipeSize: int = PIPE_SIZE,
+        beforeTeardown: Callable[[], None] = lambda: None,
+    ) -> SpawnedWorker:
+        """
+        Start a worker: C{argv} (C{argv[0]} an absolute path), or the entry
+        point if C{argv} is C{None}.
+
+        @raise OSError: it could not be started.
+        """
+        return SpawnedWorker(self, protocol, argv, environment, pipeSize, beforeTeardown)
+
+    def request(
+        self, argv: Sequence[str] | None, environment: Mapping[str, str], fds: Sequence[int]
+    ) -> tuple[int, int, int, str | None]:
+        """
+        Ask for a worker with C{fds} as its stdin, stdout and stderr.
+
+        @return: the request's id, the worker's pid, its pidfd and its
+            cgroup's path (if it has one).
+        @raise OSError: it could not be started.
+        """
+        if self._control is None:
+            raise OSError(errno.EAGAIN, "the spawner is not running")
+        requestID = next(self._ids)
+        cgroupName = f"w{requestID}" if self.cgroupParent is not None else None
+        c = self.containment
+        message = spawnerprocess.encodeRequest(
+            requestID, argv, environment, cgroup=cgroupName, rlimits=c.rlimits,
+            uid=c.uid, gid=c.gid,
+        )
+        control = self._control
+        control.settimeout(REQUEST_TIMEOUT)
+        try:
+            socket.send_fds(control, [message], list(fds))
+            while True:
+                data, pidfds = spawnerprocess.recvFds(control, 1)
+                if not data:
+                    raise OSError(errno.EPIPE, "the spawner ended")
+                answer = spawnerprocess.decodeMessage(data)
+                if answer.get("id") == requestID:
+                    break
+                # The late answer to a request that timed out.
+                for fd in pidfds:
+                    os.close(fd)
+                _killLate(answer)
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, "the spawner did not answer") from None
+        if "error" in answer:
+            raise OSError(answer["error"], answer.get("message", "spawn failed"))
+        path = None if cgroupName is None else os.path.join(self.cgroupParent or "", cgroupName)
+        return requestID, answer["pid"], pidfds[0], path
+
+    def started(self, requestID: int, pid: int, worker: SpawnedWorker) -> None:
+        """
+        C{worker} has been started as C{pid}: hear of its exit, and have the
+        guardian kill its group if the server dies.
+        """
+        self._workers[requestID] = worker
+        if self.guardian is not None:
+            self.guardian.register(pid)
+
+    def exitReported(self, requestID: int, pid: int, status: int) -> None:
+        # Read by the reactor only, never while a request waits for its
+        # answer: every worker is registered before its report is read.
+        worker = self._workers.pop(requestID, None)
+        if worker is None:
+            return
+        # Reaped and its group killed by the spawner: the group id is free.
+        if self.guardian is not None:
+            self.guardian.unregister(pid)
+        worker.exitReported(status)
+
+    def stop(self) -> defer.Deferred[None]:
+        """
+        Close the control socket: the spawner kills what is left (nothing,
+        after a clean stop), removes the cgroups and exits.
+
+        @return: fires once it has exited.
+        """
+        self._stopping = True
+        if self._process is None:
+            return defer.succeed(None)
+        self._closeSockets()
+        self._stopCall = self._reactor.callLater(
+            STOP_TIMEOUT, self._process.signalProcess, "KILL"
+        )
+        d: defer.Deferred[None] = defer.Deferred()
+        self._stopped.append(d)
+        return d
+
+    def _closeSockets(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._events is not None:
+            self._reactor.removeReader(self._events)
+            self._events.close()
+            self._events = None
+
+    def _ended(self, pid: int, reason: Failure) -> None:
+        self._process = None
+        if self._events is not None:
+            # The reports it sent before it died.
+            self._events.doRead()
+        self._closeSockets()
+        if self._stopping:
+            if self._stopCall is not None and self._stopCall.active():
+                self._stopCall.cancel()
+            if self.cgroupParent is not None:
+                containment.removeCgroup(self.cgroupParent)
+            waiting, self._stopped = self._stopped, []
+            for d in waiting:
+                d.callback(None)
+            return
+        orphans, self._workers = self._workers, {}
+        log.error(
+            "spawner {spawner_pid} ended unexpectedly ({why}): killing the {count} "
+            "worker(s) it had started, starting a new spawner",
+            spawner_pid=pid,
+            why=reason.getErrorMessage(),
+            count=len(orphans),
+        )
+        for worker in orphans.values():
+            if self.guardian is not None and worker.pid is not None:
+                self.guardian.unregister(worker.pid)
+            worker.spawnerLost()
+        self._restart()
+
+    def _restart(self) -> None:
+        try:
+            self.start()
+        except (SpawnerError, OSError) as e:
+            log.error("cannot restart the spawner: {error}", error=e)
+            self._reactor.callLater(1.0, self._restart)
+
+
+def _killLate(answer: Mapping[str, Any]) -> None:
+    pid = answer.get("pid")
+    if isinstance(pid, int):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@implementer(IReadDescriptor)
+class _ExitReports:
+    """
+    The events socket in the reactor: the spawner's exit reports.
+    """
+
+    def __init__(self, spawner: Spawner, sock: socket.socket) -> None:
+        self._spawner = spawner
+        self._socket = sock
+        sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def doRead(self) -> None:
+        while True:
+            try:
+                data = self._socket.recv(spawnerprocess.MESSAGE_MAX)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            report = spawnerprocess.decodeMessage(data)
+            self._spawner.exitReported(report["id"], report["pid"], report["status"])
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "closewatch-spawner"
+
+
+
+class SpawnedWorker(WorkerProcess):
+    """
+    A worker the spawner started: Twisted's process transport over its
+    three pipes, its exit seen on its pidfd and its status from the
+    spawner's report, its kill the server's own (C{killpg}, or
+    C{cgroup.kill} for a C{SIGKILL} when it has a cgroup).
+    """
+
+    _exitStatus: int | None = None
+    _gone = False
+    cgroup: str | None = None
+
+    def __init__(
+        self,
+        spawner: Spawner,
+        proto: IProcessProtocol,
+        argv: Sequence[str] | None,
+        environment: Mapping[str, str],
+        pipeSize: int,
+        beforeTeardown: Callable[[], None],
+    ) -> None:
+        self._reactor = spawner._reactor
+        self._spawner = spawner
+        self.beforeTeardown = beforeTeardown
+        _BaseProcess.__init__(self, proto)
+        self.pipes = {}
+        stdinRead, stdinWrite = os.pipe()
+        stdoutRead, stdoutWrite = os.pipe()
+        stderrRead, stderrWrite = os.pipe()
+        try:
+            requestID, pid, pidfd, self.cgroup = spawner.request(
+                argv, environment, (stdinRead, stdoutWrite, stderrWrite)
+            )
+        except BaseException:
+            for fd in (stdinWrite, stdoutRead, stderrRead):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (stdinRead, stdoutWrite, stderrWrite):
+                os.close(fd)
+        self.pid = pid
+        spawner.started(requestID, pid, self)
+        reactor = self._reactor
+        self.pipes[0] = ProcessWriter(reactor, self, 0, stdinWrite, forceReadHack=True)
+        self.pipes[1] = self.processReaderFactory(reactor, self, 1, stdoutRead)
+        self.pipes[2] = self.processReaderFactory(reactor, self, 2, stderrRead)
+        for fd in (stdinWrite, stdoutRead, stderrRead):
+            resizePipe(fd, pipeSize)
+        self._exitNotifier = _ExitNotifier(pidfd, self)
+        reactor.addReader(self._exitNotifier)
+        protocol: Any = proto
+        try:
+            protocol.makeConnection(self)
+        except Exception:  # noqa: BLE001 (as Twisted's Process: logged, the worker runs)
+            log.failure("worker protocol failed to start")
+
+    def reapProcess(self) -> None:
+        """
+        Called when the pidfd is readable (the worker has exited) and when
+        its pipes close: it has ended once it is gone and its status known.
+        """
+        if self._exitNotifier is not None and _readable(self._exitNotifier.fileno()):
+            self._exitNotifier.close(self._reactor)
+            self._exitNotifier = None
+            self._gone = True
+        self._maybeEnd()
+
+    def exitReported(self, status: int) -> None:
+        self._exitStatus = status
+        self.reapProcess()
+
+    def spawnerLost(self) -> None:
+        """
+        The spawner died: its report will never come, so kill the worker
+        and end it as killed once it is gone.
+        """
+        if self._exitStatus is None:
+            self._exitStatus = KILLED_STATUS
+            try:
+                self.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+        self.reapProcess()
+
+    def _maybeEnd(self) -> None:
+        if self.pid is None or not self._gone or self._exitStatus is None:
+            return
+        self.processEnded(self._exitStatus)
+
+    def signalProcess(self, signalID: str | int) -> None:
+        """
+        Signal the worker's whole process group or, for a C{SIGKILL}, its
+        whole cgroup if it has one.
+        """
+        number = getattr(signal, f"SIG{signalID}") if isinstance(signalID, str) else signalID
+        if self.pid is None or self._gone or self._exitNotifier is None:
+            raise ProcessExitedAlready()
+        if number == signal.SIGKILL and self.cgroup is not None:
+            if spawnerprocess.cgroupKill(self.cgroup):
+                return
+            raise ProcessExitedAlready()
+        # Once it has exited, and maybe been reaped, its pid may be reused.
+        if _readable(self._exitNotifier.fileno()):
+            raise ProcessExitedAlready()
+        try:
+            os.killpg(self.pid, number)
+        except ProcessLookupError:
+            # No group yet: the child has not called setsid, so it is alone.
+            try:
+                signal.pidfd_send_signal(self._exitNotifier.fileno(), number)
+            except ProcessLookupError:
+                raise ProcessExitedAlready() from None
+
+
+def _readable(fd: int) -> bool:
+    """
+    Whether C{fd} (a pidfd: its process has exited) is readable now; poll,
+    not select, which cannot take descriptors past 1023.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
