@@ -17,8 +17,10 @@ from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 __all__ = [
     "CONNECTION_DONE",
     "CONNECTION_LOST",
+    "BaseProcess",
     "Process",
     "ProcessReader",
+    "ProcessWriter",
     "clearExitSignal",
     "endpointPort",
     "forgetListening",
@@ -39,6 +41,15 @@ __all__ = [
 #: must set C{self.pid} and return C{True}) and calls C{reapProcess} and
 #: C{processEnded(status)} itself.
 Process = process.Process
+#: L{twisted.internet.process._BaseProcess}: the process transport's base,
+#: whose C{__init__(proto)} L{twisted_closewatch.spawner.SpawnedWorker} calls
+#: in place of L{Process}'s (which would fork): it makes the pipes itself
+#: and gets the worker from the spawner.
+BaseProcess = process._BaseProcess
+#: L{twisted.internet.process.ProcessWriter}: a child's input pipe,
+#: C{ProcessWriter(reactor, proc, name, fd, forceReadHack=True)} as
+#: L{Process} makes it.
+ProcessWriter = process.ProcessWriter
 #: L{twisted.internet.process.ProcessReader}: a child's output pipe; its
 #: C{doRead} returns C{CONNECTION_DONE}/C{CONNECTION_LOST} to end the pipe.
 ProcessReader = process.ProcessReader

@@ -25,6 +25,8 @@ from typing import Any
 
 import attr
 
+from twisted_closewatch.containment import Containment
+
 #: The longest C{TCP_USER_TIMEOUT} Linux takes: milliseconds in a C int.
 MAX_USER_TIMEOUT = 2**31 // 1000
 
@@ -222,6 +224,10 @@ def _networks(instance: Any, attribute: attr.Attribute[Any], value: tuple[Any, .
             raise InvalidSetting("{value} is not an IP network", network, attribute.name)
 
 
+#: The embedded SQL worker as a warm Python worker.
+SQL_WORKER_ENTRY_POINT = "twisted_closewatch.sqlworker:main"
+
+
 def defaultCommand() -> tuple[str, ...]:
     """
     The embedded SQL worker, run by the interpreter running the server.
@@ -242,6 +248,10 @@ class Config:
     @ivar allow: the networks clients may connect from; empty allows all
         but C{deny}.
     @ivar deny: the networks clients may not connect from (over C{allow}).
+    @ivar pythonWorker: C{MODULE:FUNCTION}, a warm Python worker the
+        spawner forks per connection instead of running C{argv}; C{None}
+        runs C{argv}.
+    @ivar containment: what bounds each worker started by a spawner.
 
     The other fields are the options of the same names: see each field's
     L{Setting}, or C{twistd closewatch --help}.
@@ -386,6 +396,8 @@ class Config:
         parseWholeNumber,
         between(0, 10**6),
     )
+    pythonWorker: str | None = None
+    containment: Containment = attr.ib(factory=Containment)
 
     def __attrs_post_init__(self) -> None:
         """

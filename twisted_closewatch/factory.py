@@ -51,6 +51,7 @@ from twisted_closewatch.worker import IWorkerSink, ProcessStarter, WorkerHandle
 
 if TYPE_CHECKING:
     from twisted_closewatch.guardian import Guardian
+    from twisted_closewatch.spawner import Spawner
     from twisted_closewatch.metrics import ServerMetrics
 
 log = Logger()
@@ -75,9 +76,12 @@ class CloseWatchFactory(Factory):
     @ivar metrics: where accepts, spawns and ends are counted, if anywhere.
     @ivar guardian: what kills the workers if the server dies, if anything
         (L{twisted_closewatch.service.CloseWatchService} sets it).
+    @ivar spawner: what starts the workers, if not the server itself
+        (L{twisted_closewatch.service.CloseWatchService} sets it).
     """
 
     guardian: Guardian | None = None
+    spawner: Spawner | None = None
 
     def __init__(
         self,
@@ -107,7 +111,12 @@ class CloseWatchFactory(Factory):
         self._ids = itertools.count(1)
         self._closeWatch = closeWatch
         self.workers = ProcessStarter(
-            reactor, config, lambda: self.guardian, self._killFirst, spawnProcess
+            reactor,
+            config,
+            lambda: self.guardian,
+            self._killFirst,
+            spawnProcess,
+            spawner=lambda: self.spawner,
         )
 
     @property

@@ -22,8 +22,24 @@ import attr
 from twisted.copyright import version as twistedVersion
 from twisted.python import usage
 
-from twisted_closewatch import __version__, _compat, access, handshake, metrics, proxy
-from twisted_closewatch.config import Config, InvalidSetting, Setting, defaultCommand, settings
+from twisted_closewatch import (
+    __version__,
+    _compat,
+    access,
+    containment,
+    handshake,
+    metrics,
+    proxy,
+    spawner,
+)
+from twisted_closewatch.config import (
+    SQL_WORKER_ENTRY_POINT,
+    Config,
+    InvalidSetting,
+    Setting,
+    defaultCommand,
+    settings,
+)
 
 DEFAULT_LISTEN = "tcp:8787:interface=127.0.0.1"
 
@@ -112,6 +128,52 @@ class Options(usage.Options):
     optParameters = [
         *(_parameter(field, setting) for field, setting in settings()),
         [
+            "python-worker",
+            None,
+            None,
+            "MODULE:FUNCTION: a warm Python worker. The spawner imports MODULE "
+            "once and, per connection, forks a child that calls FUNCTION() with "
+            "fds 0-2, sys.std* and os.environ set up; its return value is the "
+            "exit status. Exclusive with -- COMMAND.",
+        ],
+        [
+            "cgroup",
+            None,
+            "auto",
+            "Each worker in a cgroup v2 of its own, killed whole (setsid "
+            "daemons included) with cgroup.kill: 'on', 'off', or 'auto' (on "
+            "where possible: root or a delegated cgroup, Linux 5.14+).",
+        ],
+        [
+            "worker-memory",
+            None,
+            None,
+            "memory.max of each worker's cgroup (e.g. 256m); needs the memory "
+            "controller in the cgroup v2 hierarchy.",
+            lambda v: _amount(v, "--worker-memory"),
+        ],
+        [
+            "worker-pids",
+            None,
+            None,
+            "pids.max of each worker's cgroup; needs the pids controller in "
+            "the cgroup v2 hierarchy.",
+            lambda v: _workerPids(v),
+        ],
+        [
+            "worker-user",
+            None,
+            None,
+            "Run workers as USER (name or uid; its primary group unless "
+            "--worker-group), supplementary groups cleared.",
+        ],
+        [
+            "worker-group",
+            None,
+            None,
+            "Run workers as GROUP (name or gid), supplementary groups cleared.",
+        ],
+        [
             "metrics",
             None,
             None,
@@ -128,6 +190,8 @@ class Options(usage.Options):
         self["allow"] = []
         self["deny"] = []
         self["warnings"] = []
+        self["rlimit"] = []
+        self["cgroup-warning"] = None
 
     def opt_allow(self, network: str) -> None:
         """
@@ -168,6 +232,15 @@ class Options(usage.Options):
             raise usage.UsageError(f"--env {assignment!r}: expected NAME=VALUE")
         self["env"][name] = value
 
+    def opt_rlimit(self, assignment: str) -> None:
+        """
+        NAME=VALUE: a resource limit of every worker (repeatable): as, cpu, data, fsize, nofile, nproc, core; sizes like 256m, or unlimited.
+        """
+        try:
+            self["rlimit"].append(containment.parseRlimit(assignment))
+        except containment.ContainmentError as e:
+            raise usage.UsageError(str(e))
+
     def parseArgs(self, *command: str) -> None:
         self["command"] = list(command)
 
@@ -181,10 +254,17 @@ class Options(usage.Options):
             argv = (resolveCommand(self["command"][0]), *self["command"][1:])
         else:
             argv = defaultCommand()
+        pythonWorker = _pythonEntryPoint(self["python-worker"], bool(self["command"]))
+        try:
+            workerContainment = _containment(self)
+        except containment.ContainmentError as e:
+            raise usage.UsageError(str(e)) from None
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         self["endpoints"] = [_parseEndpoint(d) for d in self["listen"]]
         self["warnings"] = [w for e in self["endpoints"] for w in _unixModeWarnings(e)]
+        if self["cgroup-warning"] is not None:
+            self["warnings"].append(self["cgroup-warning"])
         if self["metrics"] is not None:
             if not metrics.available():
                 raise usage.UsageError(
@@ -206,10 +286,87 @@ class Options(usage.Options):
                 keepalive=not self["no-keepalive"],
                 allow=self["allow"],
                 deny=self["deny"],
+                pythonWorker=pythonWorker,
+                containment=workerContainment,
                 **given,
             )
         except InvalidSetting as e:
             raise usage.UsageError(str(e)) from None
+
+
+def _workerPids(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 2**22:
+        raise usage.UsageError(f"--worker-pids {text!r}: expected a whole number from 1 to {2**22}")
+    return value
+
+
+def _amount(text: str, option: str) -> int:
+    try:
+        return containment.parseAmount(text)
+    except containment.ContainmentError as e:
+        raise usage.UsageError(f"{option} {e}") from None
+
+
+def _pythonEntryPoint(entryPoint: str | None, command: bool) -> str | None:
+    """
+    The warm Python worker to run: C{--python-worker}'s, checked by
+    importing it as the spawner will, or the embedded SQL worker's when no
+    command is given and a spawner can run here.
+    """
+    if entryPoint is None:
+        if command or not spawner.available():
+            return None
+        return SQL_WORKER_ENTRY_POINT
+    if command:
+        raise usage.UsageError("--python-worker and -- COMMAND exclude each other")
+    module, sep, function = entryPoint.partition(":")
+    if not (sep and module and function):
+        raise usage.UsageError(f"--python-worker {entryPoint!r}: expected MODULE:FUNCTION")
+    if not spawner.available():
+        raise usage.UsageError("--python-worker needs pidfds (Linux 5.3 or later)")
+    error = spawner.checkEntryPoint(entryPoint)
+    if error is not None:
+        raise usage.UsageError(f"--python-worker {entryPoint!r}: {error}")
+    return entryPoint
+
+
+def _containment(options: Options) -> containment.Containment:
+    """
+    The containment the options ask for, resolved against this host.
+
+    @raise containment.ContainmentError: it cannot work here.
+    """
+    mode = options["cgroup"]
+    if mode not in ("auto", "on", "off"):
+        raise containment.ContainmentError(
+            f"--cgroup {mode!r}: expected 'auto', 'on' or 'off'"
+        )
+    limits = {}
+    if options["worker-memory"] is not None:
+        limits["memory.max"] = str(options["worker-memory"])
+    if options["worker-pids"] is not None:
+        limits["pids.max"] = str(options["worker-pids"])
+    uid = gid = None
+    if options["worker-user"] is not None:
+        uid, gid = containment.resolveUser(options["worker-user"])
+    if options["worker-group"] is not None:
+        gid = containment.resolveGroup(options["worker-group"])
+    result = containment.Containment(
+        cgroup=mode, cgroupLimits=limits, rlimits=tuple(options["rlimit"]), uid=uid, gid=gid
+    )
+    if not spawner.available():
+        if mode == "on" or limits or result.rlimits or uid is not None or gid is not None:
+            raise containment.ContainmentError(
+                "--cgroup on, --worker-memory, --worker-pids, --rlimit, --worker-user and "
+                "--worker-group need a spawner, which needs pidfds (Linux 5.3 or later)"
+            )
+        return result
+    _, options["cgroup-warning"] = containment.cgroupBase(result)
+    return result
 
 
 def _parseNetwork(text: str, option: str) -> access.Network:

@@ -1,7 +1,7 @@
 """
-closewatch as a Twisted service: start the guardian, listen on endpoints,
-and on stop, kill every worker, wait until all are reaped, and let the
-guardian go.
+closewatch as a Twisted service: start the guardian and the spawner,
+listen on endpoints, and on stop, kill every worker, wait until all are
+reaped, and let the spawner and the guardian go.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.guardian import Guardian
 from twisted_closewatch.listening import Listener
 from twisted_closewatch.record import EndReason
+from twisted_closewatch.spawner import Spawner, available
 
 log = Logger()
 
@@ -46,6 +47,12 @@ class CloseWatchService(MultiService):
         for endpoint, description in zip(endpoints, descriptions, strict=True):
             Listener(endpoint, factory, description).setServiceParent(self)
         self.guardian = Guardian(factory.reactor)
+        self.spawner: Spawner | None = None
+        config = factory.config
+        if config.pythonWorker is not None or available():
+            self.spawner = Spawner(
+                factory.reactor, config.pythonWorker, config.containment, self.guardian
+            )
 
     def bind(self) -> None:
         """
@@ -61,12 +68,19 @@ class CloseWatchService(MultiService):
 
     def startService(self) -> None:
         """
-        Start the guardian before any connection is served: no worker may
-        run without one.
+        Start the guardian, then the spawner, before any connection is
+        served: no worker may run without them.
+
+        @raise SpawnerError: the spawner cannot start.
         """
         self.guardian.start()
         self.factory.guardian = self.guardian
         self.factory.reactor.callWhenRunning(self._handleHangUp)
+        if self.spawner is not None:
+            # SpawnerError if it cannot, which is rare: the options have
+            # checked the Python worker's import already.
+            self.spawner.start()
+            self.factory.spawner = self.spawner
         super().startService()
 
     def _handleHangUp(self) -> None:
@@ -89,6 +103,8 @@ class CloseWatchService(MultiService):
         """
         d: Deferred[Any] = super().stopService()
         d.addCallback(lambda _: self.factory.stopWorkers(EndReason.SERVER_STOPPING))
+        if self.spawner is not None:
+            d.addCallback(lambda _: self.spawner.stop() if self.spawner else None)
         d.addCallback(lambda _: self.guardian.stop())
         d.addCallback(self._stoppedCleanly)
         return d

@@ -44,13 +44,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IProcessProtocol, IReadDescriptor
-from twisted.internet.process import ProcessWriter, _BaseProcess
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_closewatch import spawnerprocess
-from twisted_closewatch import containment
+from twisted_closewatch import _compat, containment, spawnerprocess
 from twisted_closewatch.containment import Containment
 from twisted_closewatch.guardian import Guardian, HelperProtocol
 from twisted_closewatch.spawn import PIPE_SIZE, WorkerProcess, _ExitNotifier, resizePipe
@@ -228,6 +226,23 @@ class Spawner:
         @raise OSError: it could not be started.
         """
         return SpawnedWorker(self, protocol, argv, environment, pipeSize, beforeTeardown)
+
+    def spawnWorker(
+        self,
+        reactor: Any,
+        protocol: IProcessProtocol,
+        argv: Sequence[str] | None,
+        environment: Mapping[str, str],
+        pipeSize: int = PIPE_SIZE,
+        guardian: Guardian | None = None,
+        beforeTeardown: Callable[[], None] = lambda: None,
+    ) -> SpawnedWorker:
+        """
+        L{twisted_closewatch.spawn.spawnWorker}'s signature, for the factory's
+        L{twisted_closewatch.worker.ProcessStarter}:
+        the reactor and guardian are the spawner's own.
+        """
+        return self.spawn(protocol, argv, environment, pipeSize, beforeTeardown)
 
     def request(
         self, argv: Sequence[str] | None, environment: Mapping[str, str], fds: Sequence[int]
@@ -423,7 +438,7 @@ class SpawnedWorker(WorkerProcess):
         self._reactor = spawner._reactor
         self._spawner = spawner
         self.beforeTeardown = beforeTeardown
-        _BaseProcess.__init__(self, proto)
+        _compat.BaseProcess.__init__(self, proto)
         self.pipes = {}
         stdinRead, stdinWrite = os.pipe()
         stdoutRead, stdoutWrite = os.pipe()
@@ -442,7 +457,7 @@ class SpawnedWorker(WorkerProcess):
         self.pid = pid
         spawner.started(requestID, pid, self)
         reactor = self._reactor
-        self.pipes[0] = ProcessWriter(reactor, self, 0, stdinWrite, forceReadHack=True)
+        self.pipes[0] = _compat.ProcessWriter(reactor, self, 0, stdinWrite, forceReadHack=True)
         self.pipes[1] = self.processReaderFactory(reactor, self, 1, stdoutRead)
         self.pipes[2] = self.processReaderFactory(reactor, self, 2, stderrRead)
         for fd in (stdinWrite, stdoutRead, stderrRead):

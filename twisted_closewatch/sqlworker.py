@@ -1,7 +1,12 @@
 """SQLite worker: one process per client connection, talking over stdin/stdout.
 
-Run as ``python -m twisted_closewatch.sqlworker``.  It imports only the
-standard library, so it starts fast.
+Run as ``python -m twisted_closewatch.sqlworker`` (cold: a new interpreter
+per connection), or warm, as closewatch's default service does: the spawner
+imports this module once and calls :func:`main` in a child forked per
+connection (``--python-worker twisted_closewatch.sqlworker:main``).  Either
+way the database is opened, and every setting read, in the worker itself,
+after the fork: nothing but imported code is shared between connections.
+It imports only the standard library, so it starts fast.
 
 Protocol (bytes, UTF-8):
 
@@ -335,6 +340,10 @@ def _refuse_start(stdout: BinaryIO, exc: Exception) -> int:
 
 
 def main() -> int:
+    """The worker: serve stdin and stdout until end of input; return the exit status.
+
+    The entry point of both ways to run it (see the module's docstring).
+    """
     stdout = sys.stdout.buffer
     try:
         try:

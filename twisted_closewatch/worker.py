@@ -33,6 +33,7 @@ from twisted_closewatch.record import ConnectionRecord
 if TYPE_CHECKING:
     from twisted_closewatch.client import IClient
     from twisted_closewatch.guardian import Guardian
+    from twisted_closewatch.spawner import Spawner
 
 log = Logger()
 
@@ -338,12 +339,14 @@ class ProcessStarter:
         guardian: Callable[[], Guardian | None],
         beforeTeardown: Callable[[], None],
         spawnProcess: Callable[..., Any] = spawn.spawnWorker,
+        spawner: Callable[[], Spawner | None] = lambda: None,
     ) -> None:
         self._reactor = reactor
         self._config = config
         self._guardian = guardian
         self._beforeTeardown = beforeTeardown
         self._spawnProcess = spawnProcess
+        self._spawner = spawner
         self._serverEnvironment = dict(os.environ)
 
     def environment(self, client: IClient, connectionID: int) -> dict[str, str]:
@@ -369,15 +372,22 @@ class ProcessStarter:
 
         @raise OSError: it could not be started.
         """
+        spawnProcess, argv = self._spawnProcess, self._config.argv
+        spawner = self._spawner()
+        if spawner is not None:
+            # Through the spawner (which registers with the guardian): the
+            # command, or its Python entry point when it has one.
+            spawnProcess = spawner.spawnWorker
+            argv = None if self._config.pythonWorker else argv
         return WorkerHandle(
             self._reactor,
             self._config,
             sink,
             record,
             partial(
-                self._spawnProcess,
+                spawnProcess,
                 self._reactor,
-                argv=self._config.argv,
+                argv=argv,
                 environment=self.environment(client, record.connectionID),
                 pipeSize=self._config.pipeSize,
                 guardian=self._guardian(),
