@@ -187,9 +187,30 @@ def isGuardian(pid: int) -> bool:
     return b"guardianprocess.py" in (commandLine(pid) or b"")
 
 
+def isSpawner(pid: int, serverPID: int) -> bool:
+    """
+    Whether C{pid}, a child of C{serverPID}, is the server's spawner (whose
+    forked Python workers share its command line, but not its parent).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parent = int(f.read().rpartition(")")[2].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return parent == serverPID and b"spawnerprocess.py" in (commandLine(pid) or b"")
+
+
+def spawners(serverPID: int) -> list[int]:
+    """
+    The server's spawner processes (one, but for a moment while it is replaced).
+    """
+    return [p for p in children(serverPID) if isSpawner(p, serverPID)]
+
+
 def workers(serverPID: int, timeout: float = 5.0) -> list[int]:
     """
-    The server's children that are workers (not its guardian).
+    The server's workers: its spawner's children, or where it has no
+    spawner its own children other than its guardian.
 
     Until its C{exec} is done, a child shows the server's command line, then
     for a moment an empty one, and a guardian being started cannot be told
@@ -206,7 +227,9 @@ def workers(serverPID: int, timeout: float = 5.0) -> list[int]:
                 continue
             if command == server or (not command and alive(pid)):
                 return None
-            if not isGuardian(pid):
+            if isSpawner(pid, serverPID):
+                found.extend(children(pid))
+            elif not isGuardian(pid):
                 found.append(pid)
         return (found,)
 

@@ -494,9 +494,11 @@ class WorkerBehaviourTests(ServerTestCase):
         """
         A worker that forks a daemon calling setsid itself; the daemon keeps
         the worker's stdout and stderr open, as a careless daemon does.
+        Without a cgroup (C{--cgroup off}), which would kill the daemon too
+        (see tests.test_spawner.CgroupTests).
         """
         server = self.startServer(
-            args=args,
+            args=["--cgroup", "off", *args],
             command=[
                 sys.executable,
                 "-c",
