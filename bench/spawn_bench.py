@@ -40,7 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import closewatch_bench as cb
+import closewatch_bench as cb  # noqa: E402
 
 #: A Python worker: one line at once (what --python-worker runs warm).
 HELLO_MODULE = "spawn_bench_worker"
@@ -199,7 +199,7 @@ def main() -> int:
     logdir = Path(tempfile.mkdtemp(prefix="spawn-bench-"))
     runs = []
     try:
-        for i in range(args.runs):
+        for _ in range(args.runs):
             run = oneRun(args, logdir)
             print(json.dumps(run), flush=True)
             runs.append(run)

@@ -57,7 +57,7 @@ def _needCgroups() -> None:
     try:
         containment.findCgroupBase()
     except containment.ContainmentError as e:
-        raise SkipTest(f"no cgroup v2 for workers here: {e}")
+        raise SkipTest(f"no cgroup v2 for workers here: {e}") from None
 
 
 def _serverCgroup(server: Server) -> str | None:
@@ -274,7 +274,9 @@ class LimitTests(SpawnerTestCase):
         self.assertNotIn(b"allocated", out)
 
     def test_nofile(self) -> None:
-        server = self.startServer(["--rlimit", "nofile=64"], ["/bin/sh", "-c", "ulimit -n; ulimit -Hn"])
+        server = self.startServer(
+            ["--rlimit", "nofile=64"], ["/bin/sh", "-c", "ulimit -n; ulimit -Hn"]
+        )
         self.assertEqual(self.reply(server), b"64\n64\n")
 
     def test_nofilePythonWorker(self) -> None:

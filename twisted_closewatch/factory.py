@@ -51,8 +51,8 @@ from twisted_closewatch.worker import IWorkerSink, ProcessStarter, WorkerHandle
 
 if TYPE_CHECKING:
     from twisted_closewatch.guardian import Guardian
-    from twisted_closewatch.spawner import Spawner
     from twisted_closewatch.metrics import ServerMetrics
+    from twisted_closewatch.spawner import Spawner
 
 log = Logger()
 

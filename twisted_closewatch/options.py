@@ -105,6 +105,23 @@ def _parameter(field: attr.Attribute[Any], setting: Setting) -> list[Any]:
     return [setting.option, None, None, help, _coercer(field, setting)]
 
 
+def _workerPids(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 2**22:
+        raise usage.UsageError(f"--worker-pids {text!r}: expected a whole number from 1 to {2**22}")
+    return value
+
+
+def _amount(text: str, option: str) -> int:
+    try:
+        return containment.parseAmount(text)
+    except containment.ContainmentError as e:
+        raise usage.UsageError(f"{option} {e}") from None
+
+
 class Options(usage.Options):
     """
     twistd closewatch [OPTIONS] [-- COMMAND [ARG ...]]
@@ -158,7 +175,7 @@ class Options(usage.Options):
             None,
             "pids.max of each worker's cgroup; needs the pids controller in "
             "the cgroup v2 hierarchy.",
-            lambda v: _workerPids(v),
+            _workerPids,
         ],
         [
             "worker-user",
@@ -235,11 +252,11 @@ class Options(usage.Options):
     def opt_rlimit(self, assignment: str) -> None:
         """
         NAME=VALUE: a resource limit of every worker (repeatable): as, cpu, data, fsize, nofile, nproc, core; sizes like 256m, or unlimited.
-        """
+        """  # noqa: E501
         try:
             self["rlimit"].append(containment.parseRlimit(assignment))
         except containment.ContainmentError as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError(str(e)) from None
 
     def parseArgs(self, *command: str) -> None:
         self["command"] = list(command)
@@ -292,23 +309,6 @@ class Options(usage.Options):
             )
         except InvalidSetting as e:
             raise usage.UsageError(str(e)) from None
-
-
-def _workerPids(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 2**22:
-        raise usage.UsageError(f"--worker-pids {text!r}: expected a whole number from 1 to {2**22}")
-    return value
-
-
-def _amount(text: str, option: str) -> int:
-    try:
-        return containment.parseAmount(text)
-    except containment.ContainmentError as e:
-        raise usage.UsageError(f"{option} {e}") from None
 
 
 def _pythonEntryPoint(entryPoint: str | None, command: bool) -> str | None:

@@ -457,7 +457,8 @@ class SpawnedWorker(WorkerProcess):
         self.pid = pid
         spawner.started(requestID, pid, self)
         reactor = self._reactor
-        self.pipes[0] = _compat.ProcessWriter(reactor, self, 0, stdinWrite, forceReadHack=True)
+        stdin: Any = _compat.ProcessWriter(reactor, self, 0, stdinWrite, forceReadHack=True)
+        self.pipes[0] = stdin
         self.pipes[1] = self.processReaderFactory(reactor, self, 1, stdoutRead)
         self.pipes[2] = self.processReaderFactory(reactor, self, 2, stderrRead)
         for fd in (stdinWrite, stdoutRead, stderrRead):
@@ -467,7 +468,7 @@ class SpawnedWorker(WorkerProcess):
         protocol: Any = proto
         try:
             protocol.makeConnection(self)
-        except Exception:  # noqa: BLE001 (as Twisted's Process: logged, the worker runs)
+        except Exception:
             log.failure("worker protocol failed to start")
 
     def reapProcess(self) -> None:

@@ -98,7 +98,7 @@ def decodeMessage(data: bytes) -> dict[str, Any]:
     """
     message = json.loads(data)
     if not isinstance(message, dict):
-        raise ValueError("a spawner message must be a JSON object")  # noqa: TRY004
+        raise ValueError("a spawner message must be a JSON object")
     return message
 
 
@@ -156,7 +156,7 @@ def _callEntryPoint(function: Callable[[], Any]) -> int:
         result = function()
     except SystemExit as e:
         result = e.code
-    except BaseException:  # noqa: BLE001 (the worker's own bug: its traceback, status 1)
+    except BaseException:
         traceback.print_exc()
         return 1
     if result is None:
@@ -458,7 +458,7 @@ class Spawner:
                     stream.flush()
                 except (OSError, ValueError):
                     pass
-        except BaseException as e:  # noqa: BLE001 (the child must never return)
+        except BaseException as e:
             try:
                 if request["argv"] is not None:
                     number = getattr(e, "errno", None) or errno.EIO
@@ -555,7 +555,7 @@ def _loadEntryPoint(entryPoint: str) -> Callable[[], Any]:
     function = getattr(module, functionName)
     if not callable(function):
         raise TypeError(f"{entryPoint} is not callable")
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 def _oneLine(error: BaseException) -> str:
@@ -602,7 +602,7 @@ def main(argv: Sequence[str]) -> int:
     if argv[1] == "--check":
         try:
             _loadEntryPoint(config["entryPoint"])
-        except BaseException as e:  # noqa: BLE001 (whatever the import raises, in one line)
+        except BaseException as e:
             print(_oneLine(e))
             return 1
         return 0
@@ -615,7 +615,7 @@ def main(argv: Sequence[str]) -> int:
     spawner = Spawner(config)
     try:
         spawner.load(config.get("entryPoint"))
-    except BaseException as e:  # noqa: BLE001 (whatever the import raises, in one line)
+    except BaseException as e:
         spawner._control.send(_encode({"error": _oneLine(e)}))
         return 1
     spawner._control.send(_encode({"ready": True, "pid": os.getpid()}))

@@ -372,7 +372,8 @@ class ProcessStarter:
 
         @raise OSError: it could not be started.
         """
-        spawnProcess, argv = self._spawnProcess, self._config.argv
+        spawnProcess = self._spawnProcess
+        argv: tuple[str, ...] | None = self._config.argv
         spawner = self._spawner()
         if spawner is not None:
             # Through the spawner (which registers with the guardian): the

@@ -78,7 +78,8 @@ class ContainmentTests(SynchronousTestCase):
         """
         C{--cgroup off} needs no cgroup v2 and gives none; limits need one.
         """
-        self.assertEqual(containment.cgroupBase(containment.Containment(cgroup="off")), (None, None))
+        off = containment.Containment(cgroup="off")
+        self.assertEqual(containment.cgroupBase(off), (None, None))
         self.assertRaises(
             containment.ContainmentError,
             containment.cgroupBase,
