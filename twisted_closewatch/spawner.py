@@ -506,15 +506,11 @@ class SpawnedWorker(WorkerProcess):
 
     def signalProcess(self, signalID: str | int) -> None:
         """
-        Signal the worker's whole process group or, for a C{SIGKILL}, its
-        whole cgroup if it has one.
+        Signal the worker's whole process group and, for a C{SIGKILL}, its
+        whole cgroup too if it has one.
         """
         number = getattr(signal, f"SIG{signalID}") if isinstance(signalID, str) else signalID
         if self.pid is None or self._gone or self._exitNotifier is None:
-            raise ProcessExitedAlready()
-        if number == signal.SIGKILL and self.cgroup is not None:
-            if spawnerprocess.cgroupKill(self.cgroup):
-                return
             raise ProcessExitedAlready()
         # Once it has exited, and maybe been reaped, its pid may be reused.
         if _readable(self._exitNotifier.fileno()):
@@ -527,6 +523,10 @@ class SpawnedWorker(WorkerProcess):
                 signal.pidfd_send_signal(self._exitNotifier.fileno(), number)
             except ProcessLookupError:
                 raise ProcessExitedAlready() from None
+        if number == signal.SIGKILL and self.cgroup is not None:
+            # The group first (one system call: the worker dies as soon as
+            # without a cgroup), then whatever left it.
+            spawnerprocess.cgroupKill(self.cgroup)
 
 
 def _readable(fd: int) -> bool:
