@@ -211,22 +211,6 @@ class Spawner:
         self._reactor.addReader(self._events)
         log.info("spawner {spawner_pid} started", spawner_pid=self.pid)
 
-    def spawn(
-        self,
-        protocol: IProcessProtocol,
-        argv: Sequence[str] | None,
-        environment: Mapping[str, str],
-        pipeSize: int = PIPE_SIZE,
-        beforeTeardown: Callable[[], None] = lambda: None,
-    ) -> SpawnedWorker:
-        """
-        Start a worker: C{argv} (C{argv[0]} an absolute path), or the entry
-        point if C{argv} is C{None}.
-
-        @raise OSError: it could not be started.
-        """
-        return SpawnedWorker(self, protocol, argv, environment, pipeSize, beforeTeardown)
-
     def spawnWorker(
         self,
         reactor: Any,
@@ -238,11 +222,14 @@ class Spawner:
         beforeTeardown: Callable[[], None] = lambda: None,
     ) -> SpawnedWorker:
         """
-        L{twisted_closewatch.spawn.spawnWorker}'s signature, for the factory's
-        L{twisted_closewatch.worker.ProcessStarter}:
+        Start a worker: C{argv} (C{argv[0]} an absolute path), or the entry
+        point if C{argv} is C{None}.  L{twisted_closewatch.spawn.spawnWorker}'s
+        signature, for the factory's L{twisted_closewatch.worker.ProcessStarter}:
         the reactor and guardian are the spawner's own.
+
+        @raise OSError: it could not be started.
         """
-        return self.spawn(protocol, argv, environment, pipeSize, beforeTeardown)
+        return SpawnedWorker(self, protocol, argv, environment, pipeSize, beforeTeardown)
 
     def request(
         self, argv: Sequence[str] | None, environment: Mapping[str, str], fds: Sequence[int]
