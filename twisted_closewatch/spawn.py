@@ -158,14 +158,8 @@ class _ExitNotifier:
         return "closewatch-pidfd"
 
     def close(self, reactor: Any) -> None:
-        """
-        Stop watching, and close the pidfd on the next reactor iteration:
-        the epoll batch being handled may still hold an event for its
-        number, which a descriptor opened meanwhile (a new worker's pipe)
-        would otherwise receive.
-        """
         reactor.removeReader(self)
-        reactor.callLater(0, os.close, self._pidfd)
+        os.close(self._pidfd)
 
 
 #: Every signal a worker starts with at its default disposition.  An ignored

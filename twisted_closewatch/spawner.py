@@ -401,6 +401,19 @@ class _ExitReports:
 
 
 
+class _Exited(_ExitNotifier):
+    """
+    A spawned worker's pidfd in the reactor: it only says that the worker
+    has exited (the spawner, its parent, reaps it and reports the status).
+    """
+
+    _worker: SpawnedWorker
+
+    def doRead(self) -> None:
+        self._worker.beforeTeardown()
+        self._worker.exited()
+
+
 class SpawnedWorker(WorkerProcess):
     """
     A worker the spawner started: Twisted's process transport over its
@@ -450,7 +463,7 @@ class SpawnedWorker(WorkerProcess):
         self.pipes[2] = self.processReaderFactory(reactor, self, 2, stderrRead)
         for fd in (stdinWrite, stdoutRead, stderrRead):
             resizePipe(fd, pipeSize)
-        self._exitNotifier = _ExitNotifier(pidfd, self)
+        self._exitNotifier = _Exited(pidfd, self)
         reactor.addReader(self._exitNotifier)
         protocol: Any = proto
         try:
@@ -460,18 +473,28 @@ class SpawnedWorker(WorkerProcess):
 
     def reapProcess(self) -> None:
         """
-        Called when the pidfd is readable (the worker has exited) and when
-        its pipes close: it has ended once it is gone and its status known.
+        Called when its pipes close (Twisted's C{maybeCallProcessEnded}):
+        it has ended once it is gone and its status known.
         """
-        if self._exitNotifier is not None and _readable(self._exitNotifier.fileno()):
+        self._maybeEnd()
+
+    def exited(self) -> None:
+        """
+        The pidfd is readable: the worker has exited.  The pidfd is closed
+        here, in its own event's handler, and nowhere else: closed from
+        another handler, its number could be given to a new descriptor (a
+        new worker's pipe) while the epoll batch being handled still holds
+        an event for it, which that descriptor would then receive.
+        """
+        if self._exitNotifier is not None:
             self._exitNotifier.close(self._reactor)
             self._exitNotifier = None
-            self._gone = True
+        self._gone = True
         self._maybeEnd()
 
     def exitReported(self, status: int) -> None:
         self._exitStatus = status
-        self.reapProcess()
+        self._maybeEnd()
 
     def spawnerLost(self) -> None:
         """
@@ -484,7 +507,7 @@ class SpawnedWorker(WorkerProcess):
                 self.signalProcess("KILL")
             except ProcessExitedAlready:
                 pass
-        self.reapProcess()
+        self._maybeEnd()
 
     def _maybeEnd(self) -> None:
         if self.pid is None or not self._gone or self._exitStatus is None:

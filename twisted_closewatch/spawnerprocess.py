@@ -136,6 +136,11 @@ def cgroupKill(path: str) -> bool:
         return False
     try:
         os.write(fd, b"1")
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENODEV):
+            raise
+        # Being removed: it is empty.
+        return False
     finally:
         os.close(fd)
     return True
