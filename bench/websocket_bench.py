@@ -35,8 +35,8 @@ from contextlib import contextmanager
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.support import Server, wait
-from tests.wsclient import RawWebSocket
+from tests.support import Server, wait  # noqa: E402
+from tests.wsclient import RawWebSocket  # noqa: E402
 
 PID_WORKER = ["/bin/sh", "-c", "echo $$; exec sleep 100000"]
 FAMILY_WORKER = ["/bin/sh", "-c", "sleep 100000 & echo $!; wait"]
@@ -137,9 +137,7 @@ def pipelined(port: int, n: int, window: int = 100) -> float:
     started = time.perf_counter()
     for first in range(0, n, window):
         batch = range(first, min(first + window, n))
-        client.sock.sendall(
-            b"".join(client.ws.send(_text(f"message {i}")) for i in batch)
-        )
+        client.sock.sendall(b"".join(client.ws.send(_text(f"message {i}")) for i in batch))
         for i in batch:
             if client.receive() != f"message {i}":
                 raise AssertionError("echo mismatch")
@@ -165,9 +163,7 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=5000)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    servers: dict[str, Callable[[list[str]], contextmanager]] = {
-        "closewatch": closewatch
-    }  # type: ignore[type-arg]
+    servers: dict[str, Callable[[list[str]], contextmanager]] = {"closewatch": closewatch}  # type: ignore[type-arg]
     if shutil.which("websocketd"):
         servers["websocketd"] = websocketd
     else:
@@ -186,13 +182,12 @@ def main() -> int:
                 results.setdefault((name, "round trips/s"), []).append(
                     roundTrips(port, args.messages)
                 )
-                results.setdefault((name, "pipelined/s"), []).append(
-                    pipelined(port, args.messages)
-                )
+                results.setdefault((name, "pipelined/s"), []).append(pipelined(port, args.messages))
         print(f"repetition {rep + 1} of {args.reps} done", file=sys.stderr)
 
     print(
-        f"{args.reps} repetitions, {args.n} kills each, {args.messages} messages; medians of the repetitions"
+        f"{args.reps} repetitions, {args.n} kills each, {args.messages} messages; "
+        "medians of the repetitions"
     )
     print("| measure | " + " | ".join(servers) + " |")
     print("|---|" + "---|" * len(servers))
@@ -204,9 +199,7 @@ def main() -> int:
             survivors = sum(r[1] for r in runs)
             total = sum(len(r[0]) + r[1] for r in runs)
             if not killed:
-                cells.append(
-                    f"never ({survivors} of {total} still running after {NEVER:g} s)"
-                )
+                cells.append(f"never ({survivors} of {total} still running after {NEVER:g} s)")
                 continue
             p50 = statistics.median(percentile(r[0], 50) for r in killed) * 1000
             p99 = statistics.median(percentile(r[0], 99) for r in killed) * 1000
@@ -214,11 +207,7 @@ def main() -> int:
             if survivors:
                 cell += f" ({survivors} of {total} never exited)"
             cells.append(cell)
-        print(
-            f"| kill after close frame, {scenario}, p50 / p99 | "
-            + " | ".join(cells)
-            + " |"
-        )
+        print(f"| kill after close frame, {scenario}, p50 / p99 | " + " | ".join(cells) + " |")
     for measure in ("round trips/s", "pipelined/s"):
         values = [statistics.median(results[(name, measure)]) for name in servers]
         cells = [f"{v:,.0f}" for v in values]

@@ -63,16 +63,15 @@ class Chromium:
         commandsRead, self._commands = os.pipe()
         self._answers, answersWrite = os.pipe()
         # Above 4, so that putting one on fd 3 or 4 cannot clobber the other.
-        commandsRead, answersWrite = (
-            _above(fd, 10) for fd in (commandsRead, answersWrite)
-        )
+        commandsRead, answersWrite = (_above(fd, 10) for fd in (commandsRead, answersWrite))
         # bash puts the pipes on fds 3 and 4, where Chromium wants them
         # (dash takes only one-digit fds).
         self.process = subprocess.Popen(
             [
                 "/bin/bash",
                 "-c",
-                f'exec "$0" "$@" 3<&{commandsRead} 4>&{answersWrite} {commandsRead}<&- {answersWrite}>&-',
+                f'exec "$0" "$@" 3<&{commandsRead} 4>&{answersWrite} '
+                + f"{commandsRead}<&- {answersWrite}>&-",
                 CHROMIUM,
                 *FLAGS,
                 f"--user-data-dir={self._profile}",
@@ -89,9 +88,7 @@ class Chromium:
         self._ids = 0
         self.events: list[dict[str, Any]] = []
 
-    def send(
-        self, method: str, sessionId: str | None = None, **params: Any
-    ) -> dict[str, Any]:
+    def send(self, method: str, sessionId: str | None = None, **params: Any) -> dict[str, Any]:
         """
         Run one DevTools command; its result, or L{DevToolsError}.
         """
@@ -112,10 +109,7 @@ class Chromium:
     def _read(self, deadline: float) -> dict[str, Any]:
         while b"\0" not in self._buffer:
             remaining = deadline - time.monotonic()
-            if (
-                remaining <= 0
-                or not select.select([self._answers], [], [], remaining)[0]
-            ):
+            if remaining <= 0 or not select.select([self._answers], [], [], remaining)[0]:
                 raise DevToolsError("Chromium did not answer in time")
             data = os.read(self._answers, 1 << 20)
             if not data:
@@ -126,9 +120,7 @@ class Chromium:
 
     def open(self, url: str) -> Tab:
         targetId = self.send("Target.createTarget", url=url)["targetId"]
-        sessionId = self.send("Target.attachToTarget", targetId=targetId, flatten=True)[
-            "sessionId"
-        ]
+        sessionId = self.send("Target.attachToTarget", targetId=targetId, flatten=True)["sessionId"]
         return Tab(self, targetId, sessionId)
 
     def close(self) -> None:
@@ -182,9 +174,7 @@ class Tab:
             time.sleep(0.05)
 
     def screenshot(self) -> bytes:
-        data = self._browser.send(
-            "Page.captureScreenshot", self.sessionId, format="png"
-        )["data"]
+        data = self._browser.send("Page.captureScreenshot", self.sessionId, format="png")["data"]
         return base64.b64decode(data)
 
     def close(self) -> None:

@@ -81,6 +81,19 @@ def startTLSServer(test: TestCase, command: list[str] | None = None) -> tuple[Se
     return server, certPath
 
 
+def assertClosingHandshake(test: TestCase, client: RawWebSocket, server: Server) -> None:
+    """
+    After its worker's exit: the server's close frame says 1000, the client
+    answers, the server closes, and the end is C{worker-exited}.
+    """
+    test.assertEqual(client.closeCode, 1000)
+    client.sendClose()
+    with test.assertRaises(EOFError):
+        client.receive()
+    test.assertEqual(server.endOf(1)["reason"], "worker-exited")
+    client.close()
+
+
 def family(client: RawWebSocket) -> list[int]:
     line = client.receive()
     assert isinstance(line, str)
@@ -260,12 +273,7 @@ class TwistedClientTests(TestCase):
         server, certPath = startTLSServer(self, ["/bin/sh", "-c", "echo bye"])
         client = RawWebSocket(server.port, tls=ssl.create_default_context(cafile=certPath))
         self.assertEqual(client.messagesUntilClose(), ["bye"])
-        self.assertEqual(client.closeCode, 1000)
-        client.sendClose()
-        with self.assertRaises(EOFError):
-            client.receive()
-        self.assertEqual(server.endOf(1)["reason"], "worker-exited")
-        client.close()
+        assertClosingHandshake(self, client, server)
 
     def test_tlsTruncation(self) -> None:
         """
@@ -358,13 +366,7 @@ class KillTests(TestCase):
         server = startServer(self, [], command=["/bin/sh", "-c", "echo one; printf two"])
         client = RawWebSocket(server.port)
         self.assertEqual(client.messagesUntilClose(), ["one", "two"])
-        self.assertEqual(client.closeCode, 1000)
-        # The closing handshake: the client answers, the server closes.
-        client.sendClose()
-        with self.assertRaises(EOFError):
-            client.receive()
-        self.assertEqual(server.endOf(1)["reason"], "worker-exited")
-        client.close()
+        assertClosingHandshake(self, client, server)
 
     def test_closeWhilePaused(self) -> None:
         """
@@ -580,7 +582,7 @@ class AdmissionTests(TestCase):
                 prelude=b"PROXY TCP4 192.0.2.8 127.0.0.1 4243 80\r\n",
                 headers=[("Origin", "http://evil.example")],
             )
-        wait(lambda: server.ends())
+        wait(server.ends)
         body = (
             urllib.request.urlopen(f"http://127.0.0.1:{metricsPort}/metrics", timeout=10)
             .read()

@@ -35,8 +35,8 @@ from wsproto.utilities import RemoteProtocolError
 from twisted_closewatch import limits
 from twisted_closewatch.config import Config
 from twisted_closewatch.factory import CloseWatchFactory
-from twisted_closewatch.worker import ProcessStarter
 from twisted_closewatch.websocket import WebSocketClient, WebSocketSettings
+from twisted_closewatch.worker import ProcessStarter
 
 log = Logger()
 
@@ -288,7 +288,7 @@ class _Console(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         if request.path != b"/":
-            return pages.notFound().render(request)  # type: ignore[no-any-return]
+            return pages.notFound().render(request)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-content-type-options", b"nosniff")

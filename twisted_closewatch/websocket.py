@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attr
+from twisted.internet import error
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -43,7 +44,6 @@ from twisted.internet.interfaces import (
     ISSLTransport,
 )
 from twisted.logger import Logger, LogLevel
-from twisted.internet import error
 from twisted.python.failure import Failure
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
@@ -61,7 +61,6 @@ from zope.interface import implementer
 from twisted_closewatch.client import IClient, IClientEvents
 from twisted_closewatch.record import EndReason
 from twisted_closewatch.tcp import SocketProbe
-
 
 log = Logger()
 
