@@ -171,11 +171,26 @@ class CloseWatchFactory(Factory):
         if a limit is reached.
         """
         try:
+            connect = self.admit(addr)
+        except limits.Refused:
+            return limits.Refusal(self.config.busyMessage, self.reactor)
+        return ByteStreamClient(connect, self.reactor)
+
+    def admit(self, addr: Any) -> Callable[[IClient], IClientEvents]:
+        """
+        Take a slot for a client at C{addr}: what makes its relay (and
+        starts its worker) once its L{IClient} is connected.  The WebSocket
+        front door (L{twisted_closewatch.web}) calls this at the upgrade.
+
+        @raise limits.Refused: a limit is reached (the refusal is logged
+            and counted).
+        """
+        try:
             slot = self.limits.admit(addr)
         except limits.Refused as refused:
             self.refused(addr, refused.reason)
-            return limits.Refusal(self.config.busyMessage, self.reactor)
-        return ByteStreamClient(partial(self._connect, slot, next(self._ids)), self.reactor)
+            raise
+        return partial(self._connect, slot, next(self._ids))
 
     def refused(self, addr: Any, reason: str, detail: str | None = None) -> None:
         """

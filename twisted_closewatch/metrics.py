@@ -32,7 +32,8 @@ except ImportError:  # the production extra is not installed
 END_REASONS = tuple(reason.value for reason in EndReason)
 #: Every reason a connection is refused a worker for: a limit on workers, on
 #: connections at the front doors, the access rules, the per-client rate,
-#: or a TLS handshake or PROXY header not done in time or malformed.
+#: a TLS handshake or PROXY header not done in time or malformed (or a
+#: malformed WebSocket upgrade), or a cross-site WebSocket upgrade.
 REFUSAL_REASONS = (
     "max-workers",
     "max-per-peer",
@@ -41,6 +42,7 @@ REFUSAL_REASONS = (
     "rate",
     "handshake-timeout",
     "bad-header",
+    "origin",
 )
 
 KILL_LATENCY_BUCKETS = (

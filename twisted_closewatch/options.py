@@ -31,6 +31,7 @@ from twisted_closewatch import (
     metrics,
     proxy,
     spawner,
+    web,
 )
 from twisted_closewatch.config import (
     SQL_WORKER_ENTRY_POINT,
@@ -38,6 +39,7 @@ from twisted_closewatch.config import (
     InvalidSetting,
     Setting,
     defaultCommand,
+    parseSize,
     settings,
 )
 
@@ -122,6 +124,16 @@ def _amount(text: str, option: str) -> int:
         raise usage.UsageError(f"{option} {e}") from None
 
 
+def _maxMessage(text: str) -> int:
+    try:
+        size = parseSize(text)
+    except InvalidSetting as e:
+        raise usage.UsageError(f"--max-message: {e}") from None
+    if not 125 <= size <= 1024**3:
+        raise usage.UsageError(f"--max-message {text!r}: must be between 125 and 1g")
+    return size
+
+
 class Options(usage.Options):
     """
     twistd closewatch [OPTIONS] [-- COMMAND [ARG ...]]
@@ -140,6 +152,20 @@ class Options(usage.Options):
     optFlags = [
         ["keepalive", None, "Turn on TCP keepalive on client sockets (default)."],
         ["no-keepalive", None, "Turn off TCP keepalive on client sockets."],
+        [
+            "websocket",
+            None,
+            (
+                "Serve HTTP on every --listen endpoint: a WebSocket upgrade starts a "
+                "worker (each text message a line on its stdin, each line of its "
+                "output a message), GET / serves a console page."
+            ),
+        ],
+        [
+            "binary",
+            None,
+            "With --websocket: raw bytes both ways as binary messages instead of lines.",
+        ],
     ]
 
     optParameters = [
@@ -197,6 +223,23 @@ class Options(usage.Options):
             "A Twisted server endpoint serving Prometheus metrics over HTTP at "
             "/metrics, e.g. tcp:9787:interface=127.0.0.1 (needs prometheus_client).",
         ],
+        [
+            "max-message",
+            None,
+            None,
+            (
+                "With --websocket: the largest message, in bytes (a larger one from the "
+                "client closes with code 1009; a longer line from the worker is split) "
+                "[default: 1m]."
+            ),
+            _maxMessage,
+        ],
+        [
+            "static",
+            None,
+            None,
+            "With --websocket: serve the files of this directory instead of the console page.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -209,6 +252,13 @@ class Options(usage.Options):
         self["warnings"] = []
         self["rlimit"] = []
         self["cgroup-warning"] = None
+        self["allow-origin"] = []
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """
+        With --websocket: let pages from this origin (scheme://host[:port]) open WebSockets too (repeatable; '*' allows any page); by default only the server's own pages may, and clients that send no Origin (not browsers).
+        """  # noqa: E501
+        self["allow-origin"].append(_parseOrigin(origin))
 
     def opt_allow(self, network: str) -> None:
         """
@@ -309,6 +359,64 @@ class Options(usage.Options):
             )
         except InvalidSetting as e:
             raise usage.UsageError(str(e)) from None
+        self["web"] = self._webConfig()
+
+    def _webConfig(self) -> web.WebConfig | None:
+        """
+        The L{web.WebConfig} of C{--websocket}, after checking the options
+        that go with it (or not).
+        """
+        webOnly = [
+            option
+            for option, given in (
+                ("--binary", self["binary"]),
+                ("--static", self["static"] is not None),
+                ("--allow-origin", self["allow-origin"]),
+                ("--max-message", self["max-message"] is not None),
+            )
+            if given
+        ]
+        if not self["websocket"]:
+            if webOnly:
+                raise usage.UsageError(f"{webOnly[0]} needs --websocket")
+            return None
+        if self["config"].halfClose != "kill":
+            raise usage.UsageError(
+                "--half-close forward does not apply to --websocket (a WebSocket "
+                "has no half-close: its client's close frame ends it)"
+            )
+        if self["heartbeat-data"] is not None:
+            raise usage.UsageError(
+                "--heartbeat-data does not apply to --websocket (--heartbeat sends WebSocket pings)"
+            )
+        static = self["static"]
+        if static is not None:
+            if not os.path.isdir(static):
+                raise usage.UsageError(f"--static {static!r}: not a directory")
+            static = os.path.abspath(static)
+        if "*" in self["allow-origin"]:
+            self["warnings"].append(
+                "--allow-origin '*': any web page a visitor opens can start workers "
+                "here through the visitor's browser"
+            )
+        maxMessage = self["max-message"]
+        return web.WebConfig(
+            binary=bool(self["binary"]),
+            maxMessage=web.WebConfig().maxMessage if maxMessage is None else maxMessage,
+            staticDir=static,
+            allowOrigins=self["allow-origin"],
+        )
+
+
+def _parseOrigin(text: str) -> str:
+    if text.strip() in ("*", "null"):
+        return text.strip()
+    origin = web.normalOrigin(text)
+    if origin is None:
+        raise usage.UsageError(
+            f"--allow-origin {text!r}: expected scheme://host[:port] (http or https), 'null' or '*'"
+        )
+    return origin
 
 
 def _pythonEntryPoint(entryPoint: str | None, command: bool) -> str | None:

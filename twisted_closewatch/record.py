@@ -32,12 +32,27 @@ class EndReason(enum.StrEnum):
     MAX_LIFETIME = "max-lifetime"
     SERVER_STOPPING = "server-stopping"
     SPAWN_FAILED = "spawn-failed"
+    #: C{--websocket}: the client sent a close frame.
+    WEBSOCKET_CLOSED = "websocket-closed"
+    #: C{--websocket}: the client broke the protocol, or sent a message
+    #: over C{--max-message}.
+    WEBSOCKET_ERROR = "websocket-error"
+    #: C{--websocket --heartbeat}: a ping was not answered in time.
+    PING_TIMEOUT = "ping-timeout"
 
 
-#: Ends after which the client still gets what was sent to it, then a FIN.
-#: After the others it is dead or not worth waiting for (a stopping server
-#: must not wait on a client that does not read): it gets a reset.
-CLOSE_GRACEFULLY = frozenset({EndReason.CLIENT_CLOSED, EndReason.MAX_LIFETIME})
+#: Ends after which the client still gets what was sent to it, then a FIN
+#: (a WebSocket client: a close frame, then a FIN).  After the others it is
+#: dead or not worth waiting for (a stopping server must not wait on a
+#: client that does not read): it gets a reset.
+CLOSE_GRACEFULLY = frozenset(
+    {
+        EndReason.CLIENT_CLOSED,
+        EndReason.MAX_LIFETIME,
+        EndReason.WEBSOCKET_CLOSED,
+        EndReason.WEBSOCKET_ERROR,
+    }
+)
 
 
 @attr.s(auto_attribs=True)

@@ -12,6 +12,7 @@ from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.listening import CannotListen
 from twisted_closewatch.options import Options
 from twisted_closewatch.service import CloseWatchService
+from twisted_closewatch.web import WebSocketFactory
 
 __all__ = ["Options", "makeService"]
 
@@ -43,7 +44,11 @@ def makeService(options: Options) -> IService:
     serverMetrics = None
     if options["metrics-endpoint"] is not None:
         serverMetrics = metrics.ServerMetrics()
-    factory = CloseWatchFactory(options["config"], reactor, serverMetrics)
+    factory: CloseWatchFactory
+    if options["web"] is None:
+        factory = CloseWatchFactory(options["config"], reactor, serverMetrics)
+    else:
+        factory = WebSocketFactory(options["config"], options["web"], reactor, serverMetrics)
     service = CloseWatchService(
         factory, options["endpoints"], [f"--listen {d!r}" for d in options["listen"]]
     )
