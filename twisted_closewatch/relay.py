@@ -136,12 +136,20 @@ class Relay:
         self.state = State.RUNNING
         self.worker = startWorker(self)
         record.pid = self.worker.pid
-        self._pacing = Pacing(client, self.worker, self._liveness)
-        self._departure = ClientDeparture(
-            client.probe, config, closeWatch, self._leave, self._pacing.clientReadsItsClose
-        )
-        self._liveness.start()
-        self._departure.watch()
+        try:
+            self._pacing = Pacing(client, self.worker, self._liveness)
+            self._departure = ClientDeparture(
+                client.probe, config, closeWatch, self._leave, self._pacing.clientReadsItsClose
+            )
+            self._liveness.start()
+            self._departure.watch()
+        except BaseException:
+            # No relay will own this worker (the caller reports a spawn
+            # failure): kill it now, and let its events find an ended relay.
+            self.state = State.ENDED
+            self._liveness.stop()
+            self.worker.kill()
+            raise
 
     # Client events.
 

@@ -88,12 +88,17 @@ class FakeWorker:
 
 @implementer(ICloseWatch)
 class FakeCloseWatch:
-    def __init__(self, actions: list[str] | None = None) -> None:
+    def __init__(
+        self, actions: list[str] | None = None, watchError: OSError | None = None
+    ) -> None:
         self.watched: dict[int, tuple[Any, Any]] = {}
         self.polls = 0
         self.actions = [] if actions is None else actions
+        self._watchError = watchError
 
     def watch(self, fd: int, onClosed: Any, onReset: Any) -> None:
+        if self._watchError is not None:
+            raise self._watchError
         self.watched[fd] = (onClosed, onReset)
 
     def unwatch(self, fd: int) -> None:
@@ -178,6 +183,7 @@ class Harness:
         spawnError: OSError | None = None,
         dying: bool = True,
         reapedWhileSpawning: bool = False,
+        watchError: OSError | None = None,
         **config: Any,
     ) -> None:
         self._dying = dying
@@ -185,7 +191,7 @@ class Harness:
         self.actions: list[str] = []
         self.clock = MemoryReactorClock()
         self.config = Config(argv=("/bin/cat",), **config)
-        self.watch = FakeCloseWatch(self.actions)
+        self.watch = FakeCloseWatch(self.actions, watchError)
         self.probe = FakeProbe(self.actions)
         self.record = ConnectionRecord(7, "192.168.1.1:54321")
         self.ended: list[ConnectionRecord] = []

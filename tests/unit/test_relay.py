@@ -5,6 +5,8 @@ reason, flow control both ways, and the lingering close.
 
 from __future__ import annotations
 
+import errno
+
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import ISSLTransport
 from twisted.python.failure import Failure
@@ -73,6 +75,29 @@ class StartTests(SynchronousTestCase):
         h.connectionLost(DONE)
         self.assertEqual([r.reason for r in h.ended], [EndReason.SPAWN_FAILED])
         self.assertIsNone(h.record.pid)
+
+    def test_unwatchableClientKillsItsWorker(self) -> None:
+        """
+        A worker started for a client whose socket the close watch cannot
+        watch (epoll out of memory or watches): nobody would ever kill that
+        worker, so it is killed at once; its later events change nothing,
+        and the connection ends C{spawn-failed} once closed, once.
+        """
+        h = Harness(
+            heartbeat=5.0, idleTimeout=10.0, watchError=OSError(errno.ENOSPC, "No space left")
+        )
+        self.assertIsInstance(h.connection, SpawnFailed)
+        self.assertEqual(h.worker.kills, 1)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        sink = h.worker.sink
+        sink.workerOutput(b"late\n")
+        sink.workerLifetimeOver()
+        sink.workerReaped()
+        sink.workerEnded(None, 9)
+        self.assertEqual(h.transport.value(), b"")
+        self.assertEqual(h.worker.kills, 1)
+        h.connectionLost(DONE)
+        self.assertEqual([r.reason for r in h.ended], [EndReason.SPAWN_FAILED])
 
 
 class ClientGoneTests(SynchronousTestCase):
