@@ -296,6 +296,24 @@ class MemoryTests(SecurityTestCase):
         self.assertRefused(replies[3], "too big")
 
 
+class DiskTests(SecurityTestCase):
+    def test_endlessInsertStopsAtTheSizeLimit(self) -> None:
+        """
+        An INSERT from an endless recursive CTE (which wrote 1.9 GB of WAL in
+        10 s, holding the write lock, before the size limit) fails with the
+        limit named, and the files stay near it; the worker serves on.
+        """
+        replies = self.session(
+            f"INSERT INTO demo (name) SELECT hex(randomblob(500)) FROM ({ENDLESS} SELECT x FROM c)",
+            "SELECT count(*) FROM demo",
+            CLOSEWATCH_SQL_MAX_SIZE="16M",
+        )
+        self.assertRefused(replies[0], "database or disk is full", str(16 * MiB))
+        self.assertOk(replies[1], [[5]])
+        sizes = {name: os.path.getsize(os.path.join(self.workdir, name)) for name in self.files()}
+        self.assertLess(sum(sizes.values()), 64 * MiB, sizes)
+
+
 class TimeTests(SecurityTestCase):
     def test_statementTimeout(self) -> None:
         self.env["CLOSEWATCH_SQL_TIMEOUT"] = "0.5"

@@ -26,6 +26,9 @@ from urllib.parse import quote
 MiB = 1024 * 1024
 
 DEFAULT_HEAP_LIMIT = 256 * MiB
+#: The database's size at most: one statement can otherwise write gigabytes
+#: (an INSERT from an endless recursive CTE) while it holds the write lock.
+DEFAULT_MAX_SIZE = 1024 * MiB
 #: Below this the interpreter and SQLite cannot even start inside the limit.
 MIN_HEAP_LIMIT = 16 * MiB
 DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = 60.0
@@ -38,6 +41,7 @@ HEAP_LIMIT_VARIABLE = "CLOSEWATCH_SQL_HEAP_LIMIT"
 TIMEOUT_VARIABLE = "CLOSEWATCH_SQL_TIMEOUT"
 IDLE_VARIABLE = "CLOSEWATCH_SQL_IDLE_IN_TRANSACTION_TIMEOUT"
 READONLY_VARIABLE = "CLOSEWATCH_SQL_READONLY"
+MAX_SIZE_VARIABLE = "CLOSEWATCH_SQL_MAX_SIZE"
 
 _SIZE_SUFFIXES = {"": 1, "K": 1024, "M": MiB, "G": 1024 * MiB}
 
@@ -160,12 +164,16 @@ class Settings:
     @ivar idleInTransactionTimeout: seconds a client may stay silent inside a
         transaction before it is rolled back and the session ends, or L{None}.
     @ivar readOnly: open the database C{mode=ro}.
+    @ivar maxSize: bytes the database file may grow to (C{PRAGMA
+        max_page_count}); a write past it fails with "database or disk is
+        full".
     """
 
     heapLimit: int = DEFAULT_HEAP_LIMIT
     statementTimeout: float | None = None
     idleInTransactionTimeout: float | None = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT
     readOnly: bool = False
+    maxSize: int = DEFAULT_MAX_SIZE
 
     @classmethod
     def fromEnvironment(cls, environ: Mapping[str, str]) -> Settings:
@@ -182,6 +190,7 @@ class Settings:
                 environ, IDLE_VARIABLE, defaults.idleInTransactionTimeout
             ),
             readOnly=_flag(environ, READONLY_VARIABLE, defaults.readOnly),
+            maxSize=_size(environ, MAX_SIZE_VARIABLE, defaults.maxSize),
         )
 
     @property
@@ -354,6 +363,8 @@ class Guard:
             "trusted_schema = OFF",
         ):
             conn.execute(f"PRAGMA {pragma}")
+        (pageSize,) = conn.execute("PRAGMA page_size").fetchone()
+        conn.execute(f"PRAGMA max_page_count = {max(self.settings.maxSize // pageSize, 1)}")
         conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.settings.lengthLimit)
         conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, maxSqlLength)
@@ -405,6 +416,11 @@ class Guard:
             )
         if text == "string or blob too big":
             return f"string or blob too big: the limit is {self.settings.lengthLimit} bytes"
+        if text == "database or disk is full":
+            return (
+                "database or disk is full: the database may grow to"
+                f" {self.settings.maxSize} bytes"
+            )
         if text == "interrupted" and self.settings.statementTimeout is not None:
             return f"statement timeout of {self.settings.statementTimeout:g} s exceeded"
         if self._refusal is not None and text.startswith(_AUTHORIZATION_ERRORS):

@@ -126,6 +126,7 @@ class SettingsTests(SynchronousTestCase):
         self.assertFalse(settings.readOnly)
         self.assertEqual(settings.lengthLimit, 16 * MiB)
         self.assertEqual(settings.dataLimit, 384 * MiB)
+        self.assertEqual(settings.maxSize, 1024 * MiB)
 
     def test_values(self) -> None:
         settings = Settings.fromEnvironment(
@@ -134,6 +135,7 @@ class SettingsTests(SynchronousTestCase):
                 "CLOSEWATCH_SQL_TIMEOUT": "2.5",
                 "CLOSEWATCH_SQL_IDLE_IN_TRANSACTION_TIMEOUT": "0",
                 "CLOSEWATCH_SQL_READONLY": "1",
+                "CLOSEWATCH_SQL_MAX_SIZE": "2G",
             }
         )
         self.assertEqual(
@@ -143,6 +145,7 @@ class SettingsTests(SynchronousTestCase):
                 statementTimeout=2.5,
                 idleInTransactionTimeout=None,
                 readOnly=True,
+                maxSize=2048 * MiB,
             ),
         )
         self.assertEqual(Settings.fromEnvironment({"CLOSEWATCH_SQL_HEAP_LIMIT": "1G"}).heapLimit, 1024 * MiB)
@@ -164,6 +167,7 @@ class SettingsTests(SynchronousTestCase):
             ("CLOSEWATCH_SQL_IDLE_IN_TRANSACTION_TIMEOUT", "1 minute"),
             ("CLOSEWATCH_SQL_READONLY", "true"),
             ("CLOSEWATCH_SQL_READONLY", "2"),
+            ("CLOSEWATCH_SQL_MAX_SIZE", "1M"),
         ]:
             error = self.assertRaises(SettingError, Settings.fromEnvironment, {name: value})
             self.assertIn(name, str(error))
@@ -214,6 +218,31 @@ class GuardTests(SynchronousTestCase):
         self.assertEqual(
             guard.authorize(sqlite3.SQLITE_READ, "demo", "name", "main", None), sqlite3.SQLITE_OK
         )
+
+    def test_databaseSizeBounded(self) -> None:
+        """
+        One statement cannot grow the shared database past the size limit
+        (an endless recursive INSERT would otherwise fill the disk while it
+        holds the write lock); it fails, and the rule is named.
+        """
+        guard = Guard(Settings(maxSize=16 * MiB))
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        self.addCleanup(conn.close)
+        conn.execute("CREATE TABLE t (x)")
+        guard.install(conn, 1024)
+        guard.startStatement()
+        error = self.assertRaises(
+            sqlite3.OperationalError,
+            conn.execute,
+            "INSERT INTO t SELECT zeroblob(4000) FROM"
+            " (WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 8000)"
+            " SELECT n FROM c)",
+        )
+        self.assertEqual(
+            guard.explain(error),
+            f"database or disk is full: the database may grow to {16 * MiB} bytes",
+        )
+        conn.execute("INSERT INTO t VALUES (1)")
 
     def test_explain(self) -> None:
         guard = Guard(Settings(heapLimit=32 * MiB, statementTimeout=1.5))
