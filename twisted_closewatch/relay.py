@@ -233,8 +233,12 @@ class Relay:
     def _leave(self, reason: Callable[[], EndReason]) -> None:
         """
         The client is gone while connected: kill, then drop the connection,
-        once a worker sent C{SIGKILL} is reaped (L{State.KILLED}).
+        once a worker sent C{SIGKILL} is reaped (L{State.KILLED}).  Only
+        the first departure acts: a later one (a reset after the FIN, the
+        server stopping) would schedule a second drop.
         """
+        if self.state is not State.RUNNING and self.state is not State.INPUT_DONE:
+            return
         if self._kill(reason) is State.KILLED:
             self._pacing.pauseClient()
             self._dropCall = self._clock.callLater(DROP_DELAY, self._drop)

@@ -234,6 +234,29 @@ class ClientGoneTests(SynchronousTestCase):
         self.assertEqual(h.record.reason, EndReason.IDLE_TIMEOUT)
         self.assertEqual(h.worker.kills, 1)
 
+    def test_goneAgainWhileKilledEndsOnce(self) -> None:
+        """
+        A second departure while the killed worker's reap is awaited (the
+        close watch sees the FIN, then the reset that late data provokes; or
+        the server stops) changes nothing: one drop, and a worker reaped
+        late still ends the connection, once.
+        """
+        h = Harness()
+        h.watch.sawClose(h.probe.fd)
+        h.clock.advance(0.05)
+        h.watch.sawReset(h.probe.fd)
+        h.relay.clientGone(EndReason.SERVER_STOPPING)
+        h.clock.advance(0.05)
+        self.assertTrue(h.transport.disconnecting)
+        h.connectionLost(LOST)
+        self.assertIs(h.relay.state, State.WORKER_EXITING)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        h.clock.advance(1)
+        h.workerKilled()
+        self.assertIs(h.relay.state, State.ENDED)
+        self.assertEqual([r.reason for r in h.ended], [EndReason.CLIENT_CLOSED])
+        self.assertEqual(h.worker.kills, 1)
+
     def test_outputAfterKillDropped(self) -> None:
         h = Harness()
         h.client.readConnectionLost()
