@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from twisted_closewatch.sqlqueue import WriterQueue
+
 MiB = 1024 * 1024
 
 DEFAULT_HEAP_LIMIT = 256 * MiB
@@ -141,6 +143,30 @@ _REFUSED_ACTIONS: dict[int, str] = {
     sqlite3.SQLITE_DETACH: "DETACH is refused",
     sqlite3.SQLITE_CREATE_VTABLE: "CREATE VIRTUAL TABLE is refused",
 }
+
+#: Actions that write the database file: the statement waits for its turn
+#: in the L{WriterQueue} while it is prepared, before SQLite's lock is asked.
+_WRITE_ACTIONS = frozenset(
+    {
+        sqlite3.SQLITE_ALTER_TABLE,
+        sqlite3.SQLITE_ANALYZE,
+        sqlite3.SQLITE_CREATE_INDEX,
+        sqlite3.SQLITE_CREATE_TABLE,
+        sqlite3.SQLITE_CREATE_TRIGGER,
+        sqlite3.SQLITE_CREATE_VIEW,
+        sqlite3.SQLITE_DELETE,
+        sqlite3.SQLITE_DROP_INDEX,
+        sqlite3.SQLITE_DROP_TABLE,
+        sqlite3.SQLITE_DROP_TRIGGER,
+        sqlite3.SQLITE_DROP_VIEW,
+        sqlite3.SQLITE_INSERT,
+        sqlite3.SQLITE_REINDEX,
+        sqlite3.SQLITE_UPDATE,
+    }
+)
+
+#: SQLite's own words for a lock not had within the busy timeout.
+LOCKED = "database is locked"
 
 #: How SQLite's messages for a statement the authorizer refused begin (for
 #: a statement, a function, a column read, and inside VACUUM).
@@ -312,6 +338,7 @@ class Guard:
         self._clock = clock
         self._refusal: str | None = None
         self._deadline = math.inf
+        self._writers: WriterQueue | None = None
 
     def limitProcess(self) -> None:
         """
@@ -329,13 +356,37 @@ class Guard:
         """
         Open path in autocommit mode (transactions are the client's), read-only
         if so configured, and with the file's own C{mode=ro} rather than a
-        pragma the client could turn back.
+        pragma the client could turn back; a writer also takes its place in
+        the L{WriterQueue}.
+
+        No statement is cached, so that the authorizer sees every one of them
+        as it is prepared (a cached statement is run unprepared, and a write
+        would skip the queue).
         """
         mode = "ro" if self.settings.readOnly else "rwc"
-        uri = f"file:{quote(os.path.abspath(path))}?mode={mode}"
-        return sqlite3.connect(
-            uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None
+        path = os.path.abspath(path)
+        conn = sqlite3.connect(
+            f"file:{quote(path)}?mode={mode}",
+            uri=True,
+            timeout=BUSY_TIMEOUT_S,
+            isolation_level=None,
+            cached_statements=0,
         )
+        if not self.settings.readOnly:
+            try:
+                self._writers = WriterQueue(path, BUSY_TIMEOUT_S)
+            except OSError:
+                conn.close()
+                raise
+        return conn
+
+    def close(self) -> None:
+        """
+        Leave the writers' queue; after the connection is closed.
+        """
+        if self._writers is not None:
+            self._writers.close()
+            self._writers = None
 
     def install(self, conn: sqlite3.Connection, maxSqlLength: int) -> None:
         """
@@ -384,6 +435,14 @@ class Guard:
         The C{set_authorizer} callback: L{decide}, remembering the reason.
         """
         refusal = decide(action, arg1, arg2)
+        if (
+            refusal is None
+            and action in _WRITE_ACTIONS
+            and database != "temp"
+            and self._writers is not None
+            and not self._writers.enter()
+        ):
+            refusal = LOCKED
         if refusal is None:
             return sqlite3.SQLITE_OK
         self._refusal = refusal
@@ -403,6 +462,14 @@ class Guard:
         self._refusal = None
         if self.settings.statementTimeout is not None:
             self._deadline = self._clock() + self.settings.statementTimeout
+
+    def endStatement(self, inTransaction: bool) -> None:
+        """
+        A client statement is done: outside a transaction, nothing it wrote
+        is still uncommitted, so the next writer may go.
+        """
+        if not inTransaction and self._writers is not None:
+            self._writers.leave()
 
     def explain(self, error: BaseException) -> str:
         """
@@ -424,6 +491,8 @@ class Guard:
         if text == "interrupted" and self.settings.statementTimeout is not None:
             return f"statement timeout of {self.settings.statementTimeout:g} s exceeded"
         if self._refusal is not None and text.startswith(_AUTHORIZATION_ERRORS):
+            if self._refusal == LOCKED:
+                return LOCKED
             return f"not authorized: {self._refusal}"
         return text
 

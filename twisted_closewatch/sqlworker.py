@@ -93,6 +93,7 @@ def open_database(path: str, guard: Guard, max_length: int) -> sqlite3.Connectio
         guard.install(conn, max_length)
     except BaseException:
         conn.close()
+        guard.close()
         raise
     return conn
 
@@ -267,6 +268,7 @@ def execute_line(
         return {"ok": False, "error": guard.explain(exc)}
     finally:
         cursor.close()
+        guard.endStatement(conn.in_transaction)
     elapsed_ms = (time.perf_counter() - started) * 1000.0
     return {"ok": True, "rows": count, "ms": round(elapsed_ms, 3)}
 
@@ -369,6 +371,7 @@ def main() -> int:
             return serve(conn, guard, LineReader(sys.stdin.fileno(), max_length), stdout)
         finally:
             conn.close()
+            guard.close()
     except BrokenPipeError:
         _silence_stdout()
         return 1
