@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
+from twisted_closewatch.sqlqueue import WriterQueue
 from twisted_closewatch.sqlworker import DEMO_ROWS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -400,6 +401,54 @@ class ConcurrencyTests(WorkerTestCase):
             waiter.request("SELECT name FROM demo WHERE name IN ('a', 'b') ORDER BY id"),
             [["a"], ["b"]],
         )
+
+    def test_writers_served_in_their_order_of_arrival(self) -> None:
+        """
+        A writer that has waited long is not overtaken by writers that came
+        after it.  SQLite's busy handler polls, at 100 ms once it has waited
+        a while, and a newcomer polling at 1 ms took the lock first (so,
+        under steady contention, a writer starved past the busy timeout);
+        the workers' queue serves them in turn.
+        """
+        self.query("SELECT 1")  # create the database before the race
+        holder = self.live_worker()
+        self.assertOk(holder.request("BEGIN;"))
+        self.assertOk(holder.request("INSERT INTO demo (name) VALUES ('holder');"))
+        first = self.live_worker()
+        first.send("INSERT INTO demo (name) VALUES ('first');")
+        self.assertRaises(queue.Empty, first.reply, 1.5)
+        later = [self.live_worker() for _ in range(4)]
+        for worker in later:
+            worker.send("INSERT INTO demo (name) VALUES ('later');")
+        self.assertRaises(queue.Empty, later[-1].reply, 0.3)
+        self.assertOk(holder.request("COMMIT;"))
+        for worker in [first] + later:
+            self.assertOk(worker.reply(), [], count=1)
+        self.assertOk(
+            holder.request(
+                "SELECT name FROM demo WHERE name IN ('holder', 'first', 'later') ORDER BY id LIMIT 2"
+            ),
+            [["holder"], ["first"]],
+        )
+
+    def test_writer_queue_wait_is_bounded(self) -> None:
+        """
+        A writer waits in the queue at most its timeout, and then is told
+        no; the lock is its as soon as the holder leaves.
+        """
+        self.query("SELECT 1")
+        holder = WriterQueue(self.database, 10.0)
+        self.addCleanup(holder.close)
+        waiter = WriterQueue(self.database, 0.2)
+        self.addCleanup(waiter.close)
+        self.assertTrue(holder.enter())
+        started = time.monotonic()
+        self.assertFalse(waiter.enter())
+        self.assertGreaterEqual(time.monotonic() - started, 0.2)
+        self.assertFalse(waiter.held)
+        holder.leave()
+        self.assertTrue(waiter.enter())
+        self.assertTrue(waiter.held)
 
 
 class ClientGoneTests(WorkerTestCase):
