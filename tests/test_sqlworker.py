@@ -385,11 +385,16 @@ class ConcurrencyTests(WorkerTestCase):
         self.assertOk(expected, counts[0][0])
         self.assertEqual(counts[0][0], [[len(DEMO_ROWS)]])
 
-    def test_concurrent_writer_waits_for_lock(self) -> None:
+    def holding_writer(self, begin: str) -> LiveWorker:
+        """A worker inside a transaction that has written the row 'a'."""
         self.query("SELECT 1")  # create the database before the race
         holder = self.live_worker()
-        self.assertOk(holder.request("BEGIN IMMEDIATE;"))
+        self.assertOk(holder.request(begin))
         self.assertOk(holder.request("INSERT INTO demo (name) VALUES ('a');"))
+        return holder
+
+    def test_concurrent_writer_waits_for_lock(self) -> None:
+        holder = self.holding_writer("BEGIN IMMEDIATE;")
         waiter = self.live_worker()
         waiter.send("INSERT INTO demo (name) VALUES ('b');")
         self.assertRaises(queue.Empty, waiter.reply, 1.0)
@@ -410,10 +415,7 @@ class ConcurrencyTests(WorkerTestCase):
         under steady contention, a writer starved past the busy timeout);
         the workers' queue serves them in turn.
         """
-        self.query("SELECT 1")  # create the database before the race
-        holder = self.live_worker()
-        self.assertOk(holder.request("BEGIN;"))
-        self.assertOk(holder.request("INSERT INTO demo (name) VALUES ('holder');"))
+        holder = self.holding_writer("BEGIN;")
         first = self.live_worker()
         first.send("INSERT INTO demo (name) VALUES ('first');")
         self.assertRaises(queue.Empty, first.reply, 1.5)
@@ -422,13 +424,14 @@ class ConcurrencyTests(WorkerTestCase):
             worker.send("INSERT INTO demo (name) VALUES ('later');")
         self.assertRaises(queue.Empty, later[-1].reply, 0.3)
         self.assertOk(holder.request("COMMIT;"))
-        for worker in [first] + later:
+        for worker in [first, *later]:
             self.assertOk(worker.reply(), [], count=1)
         self.assertOk(
             holder.request(
-                "SELECT name FROM demo WHERE name IN ('holder', 'first', 'later') ORDER BY id LIMIT 2"
+                "SELECT name FROM demo WHERE name IN ('a', 'first', 'later')"
+                " ORDER BY id LIMIT 2"
             ),
-            [["holder"], ["first"]],
+            [["a"], ["first"]],
         )
 
     def test_writer_queue_wait_is_bounded(self) -> None:
