@@ -434,6 +434,31 @@ class ConcurrencyTests(WorkerTestCase):
             [["a"], ["first"]],
         )
 
+    def test_begin_immediate_takes_its_turn(self) -> None:
+        """
+        C{BEGIN IMMEDIATE} and C{BEGIN EXCLUSIVE} take SQLite's write lock at
+        once, so they take their turn in the writers' queue too.  Else a
+        writer that comes next gets the queue, then waits in SQLite for the
+        lock, while the transaction's first write waits in the queue for
+        that writer: each waits for the other until the busy timeout, and
+        one is told "database is locked".
+        """
+        self.query("SELECT 1")
+        for begin in ("BEGIN IMMEDIATE;", "/* c */ begin/**/exclusive transaction; -- c"):
+            holder = self.live_worker()
+            self.assertOk(holder.request(begin))
+            waiter = self.live_worker()
+            waiter.send("INSERT INTO demo (name) VALUES ('waiter');")
+            self.assertRaises(queue.Empty, waiter.reply, 0.5)
+            holder.send("INSERT INTO demo (name) VALUES ('holder');")
+            self.assertOk(holder.reply(2.0), [], count=1)
+            self.assertOk(holder.request("COMMIT;"))
+            self.assertOk(waiter.reply(), [], count=1)
+        self.assertOk(
+            self.query("SELECT name FROM demo WHERE name IN ('holder', 'waiter') ORDER BY id")[0],
+            [["holder"], ["waiter"], ["holder"], ["waiter"]],
+        )
+
     def test_writer_queue_wait_is_bounded(self) -> None:
         """
         A writer waits in the queue at most its timeout, and then is told

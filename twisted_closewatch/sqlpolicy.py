@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import resource
 import sqlite3
 import time
@@ -164,6 +165,22 @@ _WRITE_ACTIONS = frozenset(
         sqlite3.SQLITE_UPDATE,
     }
 )
+
+#: SQL comments, which may stand between any two words of a statement.
+_COMMENTS = re.compile(r"--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$)", re.DOTALL)
+#: A transaction that takes the write lock as it begins.  The authorizer
+#: is told only "BEGIN", whatever its kind, so the kind is read from the
+#: statement's own words.
+_BEGIN_WRITE = re.compile(r"\s*BEGIN\s+(?:IMMEDIATE|EXCLUSIVE)\b", re.IGNORECASE)
+
+
+def beginsWriting(sql: str) -> bool:
+    """
+    Whether C{sql} is a C{BEGIN IMMEDIATE} or C{BEGIN EXCLUSIVE}: the
+    statements that take SQLite's write lock without writing anything.
+    """
+    return _BEGIN_WRITE.match(_COMMENTS.sub(" ", sql)) is not None
+
 
 #: SQLite's own words for a lock not had within the busy timeout.
 LOCKED = "database is locked"
@@ -339,6 +356,7 @@ class Guard:
         self._refusal: str | None = None
         self._deadline = math.inf
         self._writers: WriterQueue | None = None
+        self._beginsWriting = False
 
     def limitProcess(self) -> None:
         """
@@ -437,8 +455,7 @@ class Guard:
         refusal = decide(action, arg1, arg2)
         if (
             refusal is None
-            and action in _WRITE_ACTIONS
-            and database != "temp"
+            and self._writes(action, arg1, database)
             and self._writers is not None
             and not self._writers.enter()
         ):
@@ -448,6 +465,14 @@ class Guard:
         self._refusal = refusal
         return sqlite3.SQLITE_DENY
 
+    def _writes(self, action: int, arg1: str | None, database: str | None) -> bool:
+        """
+        Whether the statement being prepared takes the database's write lock.
+        """
+        if action == sqlite3.SQLITE_TRANSACTION:
+            return arg1 == "BEGIN" and self._beginsWriting
+        return action in _WRITE_ACTIONS and database != "temp"
+
     def progress(self) -> int:
         """
         The progress handler: non-zero (interrupt) once the statement's time
@@ -455,11 +480,12 @@ class Guard:
         """
         return int(self._clock() > self._deadline)
 
-    def startStatement(self) -> None:
+    def startStatement(self, sql: str) -> None:
         """
         A client statement begins: start its clock, forget old refusals.
         """
         self._refusal = None
+        self._beginsWriting = beginsWriting(sql)
         if self.settings.statementTimeout is not None:
             self._deadline = self._clock() + self.settings.statementTimeout
 

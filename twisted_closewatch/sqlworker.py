@@ -256,7 +256,7 @@ def execute_line(
         return {"ok": False, "error": f"statement is not valid UTF-8: {exc}"}
     if not sql.strip():
         return {"ok": True, "rows": 0, "ms": 0.0}
-    guard.startStatement()
+    guard.startStatement(sql)
     cursor = conn.cursor()
     try:
         cursor.execute(sql)

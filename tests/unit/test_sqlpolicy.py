@@ -20,6 +20,7 @@ from twisted_closewatch.sqlpolicy import (
     Guard,
     SettingError,
     Settings,
+    beginsWriting,
     classifyPragma,
     decide,
 )
@@ -63,6 +64,35 @@ class DecideTests(SynchronousTestCase):
     def test_reasonNamesTheRule(self) -> None:
         self.assertIn("fts3_tokenizer", decide(sqlite3.SQLITE_FUNCTION, None, "fts3_tokenizer") or "")
         self.assertIn("VACUUM", decide(sqlite3.SQLITE_ATTACH, "", None) or "")
+
+
+class BeginsWritingTests(SynchronousTestCase):
+    """
+    The transactions that take the write lock as they begin are told apart
+    from the others by their words, comments and case notwithstanding.
+    """
+
+    def test_immediateAndExclusive(self) -> None:
+        for sql in [
+            "BEGIN IMMEDIATE",
+            "begin exclusive transaction;",
+            "  /* a */ Begin/**/Immediate -- b",
+            "-- only a comment line\nBEGIN\tEXCLUSIVE",
+        ]:
+            self.assertTrue(beginsWriting(sql), sql)
+
+    def test_othersNot(self) -> None:
+        for sql in [
+            "BEGIN",
+            "BEGIN DEFERRED",
+            "BEGIN TRANSACTION",
+            "BEGIN IMMEDIATELY",
+            "-- BEGIN IMMEDIATE",
+            "/* BEGIN IMMEDIATE */ BEGIN",
+            "SELECT 'BEGIN IMMEDIATE'",
+            "COMMIT",
+        ]:
+            self.assertFalse(beginsWriting(sql), sql)
 
 
 class ClassifyPragmaTests(SynchronousTestCase):
@@ -187,19 +217,19 @@ class GuardTests(SynchronousTestCase):
     def test_statementClock(self) -> None:
         clock = FakeClock()
         guard = Guard(Settings(statementTimeout=2.0), clock)
-        guard.startStatement()
+        guard.startStatement("SELECT 1")
         self.assertEqual(guard.progress(), 0)
         clock.now += 1.9
         self.assertEqual(guard.progress(), 0)
         clock.now += 0.2
         self.assertEqual(guard.progress(), 1)
-        guard.startStatement()
+        guard.startStatement("SELECT 1")
         self.assertEqual(guard.progress(), 0)
 
     def test_noTimeoutNeverInterrupts(self) -> None:
         clock = FakeClock()
         guard = Guard(Settings(), clock)
-        guard.startStatement()
+        guard.startStatement("SELECT 1")
         clock.now += 1e9
         self.assertEqual(guard.progress(), 0)
 
@@ -213,7 +243,7 @@ class GuardTests(SynchronousTestCase):
             guard.explain(sqlite3.DatabaseError("not authorized to use function: fts3_tokenizer")),
             "not authorized: function fts3_tokenizer() is refused",
         )
-        guard.startStatement()
+        guard.startStatement("SELECT 1")
         self.assertEqual(guard.explain(sqlite3.DatabaseError("not authorized")), "not authorized")
         self.assertEqual(
             guard.authorize(sqlite3.SQLITE_READ, "demo", "name", "main", None), sqlite3.SQLITE_OK
@@ -230,7 +260,7 @@ class GuardTests(SynchronousTestCase):
         self.addCleanup(conn.close)
         conn.execute("CREATE TABLE t (x)")
         guard.install(conn, 1024)
-        guard.startStatement()
+        guard.startStatement("SELECT 1")
         error = self.assertRaises(
             sqlite3.OperationalError,
             conn.execute,
