@@ -16,13 +16,9 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from twisted_closewatch.config import Config, Network
+from twisted_closewatch.addresses import IPAddress, Network, clientIP, clientNetwork
+from twisted_closewatch.config import Config
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-#: IPv6 clients are counted by rate per /64: one subscriber's usual
-#: allocation, which one client can hop across at will.
-IPV6_RATE_PREFIX = 64
 #: Clients remembered by the rate limit at most; past that the one heard
 #: from longest ago is forgotten (and starts afresh if it comes back).
 RATE_TABLE_SIZE = 65536
@@ -36,22 +32,6 @@ def parseNetwork(text: str) -> Network:
     @raise ValueError: C{text} is not one, or has host bits set.
     """
     return ipaddress.ip_network(text.strip(), strict=True)
-
-
-def clientIP(address: Any) -> IPAddress | None:
-    """
-    The IP address of a TCP peer (an IPv4-mapped IPv6 address as the IPv4
-    address it is); C{None} for a peer without one.
-    """
-    if getattr(address, "type", None) not in ("TCP", "TCP6"):
-        return None
-    try:
-        ip = ipaddress.ip_address(address.host.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 class AccessRules:
@@ -109,7 +89,7 @@ class RateLimiter:
         """
         now = self._clock.seconds()
         self._forget(now)
-        key = _rateKey(ip)
+        key = clientNetwork(ip)
         fullAt = max(self._full.pop(key, (now, now))[0], now)
         allowed = fullAt + self._interval - now <= self._window + 1e-9
         if allowed:
@@ -127,11 +107,6 @@ class RateLimiter:
             if self._full[key][1] + self._window > now and len(self._full) < self._maxClients:
                 return
             del self._full[key]
-
-
-def _rateKey(ip: IPAddress) -> Network:
-    prefix = IPV6_RATE_PREFIX if ip.version == 6 else 32
-    return ipaddress.ip_network((ip, prefix), strict=False)
 
 
 class AccessPolicy:

@@ -25,6 +25,7 @@ from typing import Any
 
 import attr
 
+from twisted_closewatch.addresses import Network
 from twisted_closewatch.containment import Containment
 
 #: The longest C{TCP_USER_TIMEOUT} Linux takes: milliseconds in a C int.
@@ -235,9 +236,6 @@ def defaultCommand() -> tuple[str, ...]:
     return (sys.executable, "-m", "twisted_closewatch.sqlworker")
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class Config:
     """
@@ -353,8 +351,8 @@ class Config:
     maxPerPeer: int = setting(
         0,
         "max-per-peer",
-        "Connections with a worker per client IP address at most (behind haproxy:, the "
-        "original client's); 0 = off.",
+        "Connections with a worker per client IP address (per /64 for IPv6) at most "
+        "(behind haproxy:, the original client's); 0 = off.",
         parseWholeNumber,
         between(0, 10**6),
     )

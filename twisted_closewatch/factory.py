@@ -41,7 +41,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel
 
 from twisted_closewatch import access, limits, spawn
-from twisted_closewatch.addresses import describe, peerKey
+from twisted_closewatch.addresses import clientIP, describe
 from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
 from twisted_closewatch.closewatch import ICloseWatch, makeCloseWatch
 from twisted_closewatch.config import Config
@@ -330,7 +330,7 @@ def _logRefusal(addr: Any, reason: str, detail: str | None) -> None:
     log.emit(
         LogLevel.info if detail is None else LogLevel.warn,
         "refused {peer}: {reason}" + ("" if detail is None else " ({detail})"),
-        peer=peerKey(addr) or describe(addr),
+        peer=str(clientIP(addr) or describe(addr)),
         reason=reason,
         detail=detail,
         refused=True,

@@ -14,9 +14,9 @@ from twisted_closewatch.access import (
     AccessPolicy,
     AccessRules,
     RateLimiter,
-    clientIP,
     parseNetwork,
 )
+from twisted_closewatch.addresses import clientIP, peerKey
 from twisted_closewatch.config import Config
 
 ip = ipaddress.ip_address
@@ -46,6 +46,20 @@ class ClientIPTests(TestCase):
 
     def test_unix(self) -> None:
         self.assertIsNone(clientIP(UNIXAddress(b"/tmp/x")))
+
+
+class PeerKeyTests(TestCase):
+    """
+    The per-peer limit counts one IPv4 address, or one IPv6 /64, as a
+    client, as the rate limit does.
+    """
+
+    def test_keys(self) -> None:
+        self.assertEqual(peerKey(IPv4Address("TCP", "192.0.2.1", 1)), "192.0.2.1")
+        self.assertEqual(peerKey(IPv6Address("TCP", "::ffff:192.0.2.1", 1)), "192.0.2.1")
+        self.assertEqual(peerKey(IPv6Address("TCP", "2001:db8::5:6", 1)), "2001:db8::/64")
+        self.assertEqual(peerKey(IPv6Address("TCP", "fe80::1%lo", 1)), "fe80::/64")
+        self.assertIsNone(peerKey(UNIXAddress(b"/tmp/x")))
 
 
 class AccessRulesTests(TestCase):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
@@ -89,6 +89,19 @@ class AdmissionTests(FactoryTestCase):
         admitted, _ = self.connect(peer("192.0.2.2", 3))
         self.assertIsInstance(refused, Refusal)
         self.assertNotIsInstance(admitted, Refusal)
+
+    def test_maxPerPeerCountsAnIPv6Subnet(self) -> None:
+        """
+        An IPv6 client is its /64, as for the rate limit: one that owns a
+        /64 cannot spread its workers over it.
+        """
+        self.makeFactory(maxPerPeer=1)
+        self.connect(IPv6Address("TCP", "2001:db8:0:1::1", 1))
+        refused, _ = self.connect(IPv6Address("TCP", "2001:db8:0:1::2", 2))
+        admitted, _ = self.connect(IPv6Address("TCP", "2001:db8:0:2::1", 3))
+        self.assertIsInstance(refused, Refusal)
+        self.assertNotIsInstance(admitted, Refusal)
+        self.assertEqual(self.factory.limits.perPeer("2001:db8:0:1::/64"), 1)
 
     def test_slotBackWhenReaped(self) -> None:
         """
