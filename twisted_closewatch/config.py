@@ -250,6 +250,10 @@ class Config:
         spawner forks per connection instead of running C{argv}; C{None}
         runs C{argv}.
     @ivar containment: what bounds each worker started by a spawner.
+    @ivar direct: give each worker the client's socket itself as its stdin
+        and stdout (C{--direct}): no byte passes through the server, which
+        keeps a duplicate in the close watch only (see
+        L{twisted_closewatch.direct}).
 
     The other fields are the options of the same names: see each field's
     L{Setting}, or C{twistd closewatch --help}.
@@ -396,6 +400,7 @@ class Config:
     )
     pythonWorker: str | None = None
     containment: Containment = attr.ib(factory=Containment)
+    direct: bool = False
 
     def __attrs_post_init__(self) -> None:
         """
@@ -404,6 +409,13 @@ class Config:
         if self.heartbeat and not self.heartbeatData:
             raise InvalidSetting(
                 "{option} must not be empty with --heartbeat on", b"", "--heartbeat-data"
+            )
+        if self.direct and self.heartbeat:
+            raise InvalidSetting(
+                "{option} does not apply to --direct: the worker writes to the client "
+                "itself, and the server cannot add bytes to its stream",
+                self.heartbeat,
+                "--heartbeat",
             )
 
     def keepaliveAgrees(self) -> float:

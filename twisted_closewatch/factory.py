@@ -45,6 +45,7 @@ from twisted_closewatch.addresses import clientIP, describe
 from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
 from twisted_closewatch.closewatch import ICloseWatch, makeCloseWatch
 from twisted_closewatch.config import Config
+from twisted_closewatch.direct import DirectConnection
 from twisted_closewatch.record import ConnectionRecord, EndReason
 from twisted_closewatch.relay import Relay, SpawnFailed, connect
 from twisted_closewatch.worker import IWorkerSink, ProcessStarter, WorkerHandle
@@ -205,35 +206,38 @@ class CloseWatchFactory(Factory):
     def _connect(self, slot: limits.Slot, connectionID: int, client: IClient) -> IClientEvents:
         record = ConnectionRecord(connectionID, describe(client.peer))
         ended = partial(self._ended, slot)
-        connection = connect(
+        owner: type[Relay | DirectConnection] = DirectConnection if self.config.direct else Relay
+        makeOwner: Callable[[], Relay | DirectConnection] = partial(
+            owner,
             client,
             record,
+            self.config,
+            self.reactor,
+            self.closeWatch,
+            partial(self._startWorker, slot, client, record),
             ended,
-            partial(
-                Relay,
-                client,
-                record,
-                self.config,
-                self.reactor,
-                self.closeWatch,
-                partial(self._startWorker, slot, client, record),
-                ended,
-            ),
         )
+        connection = connect(client, record, ended, makeOwner)
         self.connections.add(connectionID, connection)
         return connection
 
     def _startWorker(
-        self, slot: limits.Slot, client: IClient, record: ConnectionRecord, sink: IWorkerSink
+        self,
+        slot: limits.Slot,
+        client: IClient,
+        record: ConnectionRecord,
+        sink: IWorkerSink,
+        stdio: int | None = None,
     ) -> WorkerHandle:
         """
-        Start the worker of a connection; its slot is given back once it is
+        Start the worker of a connection (given C{stdio}, the client's
+        socket, as its stdin and stdout); its slot is given back once it is
         reaped, while its last output may still be on its way.
 
         @raise OSError: it could not be started.
         """
         started = time.perf_counter()
-        worker = self.workers.start(sink, client, record, partial(self._reaped, slot))
+        worker = self.workers.start(sink, client, record, partial(self._reaped, slot), stdio)
         if self.metrics is not None:
             self.metrics.spawned(time.perf_counter() - started)
         return worker
@@ -272,13 +276,13 @@ class LiveConnections:
     """
 
     def __init__(self) -> None:
-        self._connections: dict[int, Relay | SpawnFailed] = {}
+        self._connections: dict[int, Relay | DirectConnection | SpawnFailed] = {}
         self._allEnded: list[defer.Deferred[None]] = []
 
     def __len__(self) -> int:
         return len(self._connections)
 
-    def add(self, connectionID: int, connection: Relay | SpawnFailed) -> None:
+    def add(self, connectionID: int, connection: Relay | DirectConnection | SpawnFailed) -> None:
         self._connections[connectionID] = connection
 
     def remove(self, connectionID: int) -> None:

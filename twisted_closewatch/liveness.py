@@ -122,3 +122,66 @@ class ConnectionLiveness:
             self._lastWrite = now
             remaining = self._config.heartbeat
         self._heartbeatCall = self._clock.callLater(remaining, self._checkHeartbeat)
+
+
+class KernelIdleTimeout:
+    """
+    The idle timeout of a connection whose bytes the server never sees
+    (C{--direct}): the kernel's time since the client last sent data
+    (C{tcpi_last_data_recv}) says how long it has been silent.
+
+    A check that finds the client's data still unread in the socket starts
+    the period again: the silence may then be the worker's, which is not
+    reading, as time a relay keeps its client paused does not count.  The
+    timer runs on the reactor's clock; a connection whose socket cannot
+    tell (not TCP) has none.
+    """
+
+    #: The soonest a check is repeated: the kernel's clock moves in jiffies.
+    recheck = 0.01
+
+    _call: IDelayedCall | None = None
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeout: float,
+        silence: Callable[[], float | None],
+        unread: Callable[[], int],
+        onIdle: Callable[[EndReason], None],
+    ) -> None:
+        """
+        @param silence: seconds since the client last sent data, or C{None}
+            if the socket cannot tell.
+        @param unread: bytes the client sent that were not read yet.
+        """
+        self._clock = clock
+        self._timeout = timeout
+        self._silence = silence
+        self._unread = unread
+        self._onIdle = onIdle
+        self._busy = clock.seconds()
+
+    def start(self) -> None:
+        if self._timeout:
+            self._busy = self._clock.seconds()
+            self._call = self._clock.callLater(self._timeout, self._check)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _check(self) -> None:
+        self._call = None
+        silence = self._silence()
+        if silence is None:
+            return
+        now = self._clock.seconds()
+        if self._unread():
+            self._busy = now
+        remaining = self._timeout - min(silence, now - self._busy)
+        if remaining <= 0:
+            self._onIdle(EndReason.IDLE_TIMEOUT)
+            return
+        self._call = self._clock.callLater(max(remaining, self.recheck), self._check)

@@ -166,6 +166,16 @@ class Options(usage.Options):
             None,
             "With --websocket: raw bytes both ways as binary messages instead of lines.",
         ],
+        [
+            "direct",
+            None,
+            (
+                "Give each worker the client's socket itself as its stdin and stdout "
+                "(inetd's way: no byte passes through the server); the server still kills "
+                "it when the client leaves. Not with ssl: listeners, --websocket or "
+                "--heartbeat."
+            ),
+        ],
     ]
 
     optParameters = [
@@ -355,11 +365,44 @@ class Options(usage.Options):
                 deny=self["deny"],
                 pythonWorker=pythonWorker,
                 containment=workerContainment,
+                direct=bool(self["direct"]),
                 **given,
             )
         except InvalidSetting as e:
             raise usage.UsageError(str(e)) from None
+        if self["direct"]:
+            self._checkDirect()
         self["web"] = self._webConfig()
+
+    def _checkDirect(self) -> None:
+        """
+        Refuse what cannot work when the worker owns the client's socket:
+        whatever needs the server to see, change or add to the bytes.
+        """
+        if self["websocket"]:
+            raise usage.UsageError(
+                "--direct and --websocket exclude each other (WebSocket frames are "
+                "decoded by the server)"
+            )
+        for option in ("heartbeat-data", "read-ahead"):
+            if self[option] is not None:
+                raise usage.UsageError(
+                    f"--{option} does not apply to --direct (no byte passes through the server)"
+                )
+        for description in self["listen"]:
+            kind, _, rest = description.lower().partition(":")
+            if kind == "haproxy":
+                kind = rest.partition(":")[0]
+            if kind == "ssl":
+                raise usage.UsageError(
+                    f"--direct cannot serve --listen {description!r}: TLS is decrypted by the "
+                    "server (terminate TLS in HAProxy and listen on haproxy:tcp:, or drop --direct)"
+                )
+            if kind == "unix" and self["config"].idleTimeout:
+                raise usage.UsageError(
+                    f"--idle-timeout needs TCP_INFO under --direct, which the unix socket "
+                    f"--listen {description!r} has not"
+                )
 
     def _webConfig(self) -> web.WebConfig | None:
         """

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import TypeVar
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -304,12 +305,15 @@ class SpawnFailed:
         pass
 
 
+_Owner = TypeVar("_Owner")
+
+
 def connect(
-    client: IClient, record: ConnectionRecord, ended: Ended, relay: Callable[[], Relay]
-) -> Relay | SpawnFailed:
+    client: IClient, record: ConnectionRecord, ended: Ended, relay: Callable[[], _Owner]
+) -> _Owner | SpawnFailed:
     """
-    The C{relay} made for C{client}, or, if its worker cannot be started, a
-    connection that is logged and closed.
+    The C{relay} (or other owner) made for C{client}, or, if its worker
+    cannot be started, a connection that is logged and closed.
     """
     try:
         return relay()

@@ -191,10 +191,16 @@ class WorkerProcess(_compat.Process):
         pipeSize: int = PIPE_SIZE,
         guardian: Guardian | None = None,
         beforeTeardown: Callable[[], None] = lambda: None,
+        stdio: int | None = None,
     ) -> None:
         self._guardian = guardian
         self.beforeTeardown = beforeTeardown
-        super().__init__(reactor, executable, list(args), dict(environment), None, proto)
+        # Given a socket, it is the worker's stdin and stdout; stderr is
+        # still a pipe, to the log.
+        childFDs = None if stdio is None else {0: stdio, 1: stdio, 2: "r"}
+        super().__init__(
+            reactor, executable, list(args), dict(environment), None, proto, childFDs=childFDs
+        )
         for pipe in self.pipes.values():
             resizePipe(pipe.fileno(), pipeSize)
         if self.pid is not None:
@@ -326,17 +332,19 @@ def spawnWorker(
     pipeSize: int = PIPE_SIZE,
     guardian: Guardian | None = None,
     beforeTeardown: Callable[[], None] = lambda: None,
+    stdio: int | None = None,
 ) -> WorkerProcess:
     """
     Start C{argv} (C{argv[0]} an absolute path) as a new session leader
     connected to C{protocol}, registered with C{guardian} if given.
     C{beforeTeardown} is called before the work of the worker's exit (its
     pipes' ends, its reaping) is done, so that a server can first act on
-    what is more urgent.
+    what is more urgent.  Given C{stdio} (a socket), the worker's stdin
+    and stdout are that descriptor instead of pipes.
 
     @raise OSError: the worker could not be started (missing executable,
         out of descriptors or processes).
     """
     return WorkerProcess(
-        reactor, argv[0], argv, environment, protocol, pipeSize, guardian, beforeTeardown
+        reactor, argv[0], argv, environment, protocol, pipeSize, guardian, beforeTeardown, stdio
     )

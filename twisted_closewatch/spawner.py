@@ -220,6 +220,7 @@ class Spawner:
         pipeSize: int = PIPE_SIZE,
         guardian: Guardian | None = None,
         beforeTeardown: Callable[[], None] = lambda: None,
+        stdio: int | None = None,
     ) -> SpawnedWorker:
         """
         Start a worker: C{argv} (C{argv[0]} an absolute path), or the entry
@@ -229,7 +230,7 @@ class Spawner:
 
         @raise OSError: it could not be started.
         """
-        return SpawnedWorker(self, protocol, argv, environment, pipeSize, beforeTeardown)
+        return SpawnedWorker(self, protocol, argv, environment, pipeSize, beforeTeardown, stdio)
 
     def request(
         self, argv: Sequence[str] | None, environment: Mapping[str, str], fds: Sequence[int]
@@ -434,34 +435,39 @@ class SpawnedWorker(WorkerProcess):
         environment: Mapping[str, str],
         pipeSize: int,
         beforeTeardown: Callable[[], None],
+        stdio: int | None = None,
     ) -> None:
         self._reactor = spawner._reactor
         self._spawner = spawner
         self.beforeTeardown = beforeTeardown
         _compat.BaseProcess.__init__(self, proto)
         self.pipes = {}
-        stdinRead, stdinWrite = os.pipe()
-        stdoutRead, stdoutWrite = os.pipe()
+        # Given a socket (--direct), it is the worker's stdin and stdout.
+        stdinRead, stdinWrite = os.pipe() if stdio is None else (stdio, -1)
+        stdoutRead, stdoutWrite = os.pipe() if stdio is None else (-1, stdio)
         stderrRead, stderrWrite = os.pipe()
+        ours = [fd for fd in (stdinWrite, stdoutRead, stderrRead) if fd >= 0]
         try:
             requestID, pid, pidfd, self.cgroup = spawner.request(
                 argv, environment, (stdinRead, stdoutWrite, stderrWrite)
             )
         except BaseException:
-            for fd in (stdinWrite, stdoutRead, stderrRead):
+            for fd in ours:
                 os.close(fd)
             raise
         finally:
             for fd in (stdinRead, stdoutWrite, stderrWrite):
-                os.close(fd)
+                if fd != stdio:
+                    os.close(fd)
         self.pid = pid
         spawner.started(requestID, pid, self)
         reactor = self._reactor
-        stdin: Any = _compat.ProcessWriter(reactor, self, 0, stdinWrite, forceReadHack=True)
-        self.pipes[0] = stdin
-        self.pipes[1] = self.processReaderFactory(reactor, self, 1, stdoutRead)
+        if stdio is None:
+            stdin: Any = _compat.ProcessWriter(reactor, self, 0, stdinWrite, forceReadHack=True)
+            self.pipes[0] = stdin
+            self.pipes[1] = self.processReaderFactory(reactor, self, 1, stdoutRead)
         self.pipes[2] = self.processReaderFactory(reactor, self, 2, stderrRead)
-        for fd in (stdinWrite, stdoutRead, stderrRead):
+        for fd in ours:
             resizePipe(fd, pipeSize)
         self._exitNotifier = _Exited(pidfd, self)
         reactor.addReader(self._exitNotifier)

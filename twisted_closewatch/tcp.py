@@ -75,7 +75,12 @@ _KEEPCNT = getattr(socket, "TCP_KEEPCNT", None)
 _USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18 if _LINUX else None)
 #: Linux's struct tcp_info is the only one read here.
 _TCP_INFO = getattr(socket, "TCP_INFO", 11 if _LINUX else None) if _LINUX else None
+_TCP_FIN_WAIT2 = 5
+_TCP_TIME_WAIT = 6
 _TCP_CLOSE = 7
+_TCP_CLOSE_WAIT = 8
+_TCP_LAST_ACK = 9
+_TCP_CLOSING = 11
 
 #: Errors the peer's stack sent: an RST (or our own write after it).
 RESET_ERRORS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ECONNREFUSED})
@@ -88,7 +93,9 @@ TIMEOUT_ERRORS = frozenset(
 
 class TCPInfo(NamedTuple):
     """
-    The fields of Linux's C{struct tcp_info} that tell a loss apart.
+    The fields of Linux's C{struct tcp_info} that tell a loss apart, and
+    those that count and time what a connection carried (for C{--direct},
+    where no byte passes through the server).
     """
 
     state: int
@@ -97,15 +104,22 @@ class TCPInfo(NamedTuple):
     rtt: float  # seconds, smoothed
     lastAckRecv: float  # seconds since the peer last acknowledged anything
     notSent: int  # bytes queued that the peer's window never let out
+    lastDataRecv: float = 0.0  # seconds since the peer last sent data
+    bytesAcked: int = 0  # bytes sent and acknowledged, our FIN included
+    bytesReceived: int = 0  # bytes received, the peer's FIN included
 
 
-# (offset, format) in struct tcp_info; notsent_bytes needs Linux 4.6.
+# (offset, format) in struct tcp_info; the byte counts need Linux 4.1 and
+# 4.2, notsent_bytes 4.6.
 _FIELDS = {
     "state": (0, "B"),
     "retransmits": (2, "B"),
     "probes": (3, "B"),
+    "last_data_recv": (52, "I"),
     "last_ack_recv": (56, "I"),
     "rtt": (68, "I"),
+    "bytes_acked": (120, "Q"),
+    "bytes_received": (128, "Q"),
     "notsent_bytes": (144, "I"),
 }
 _TCP_INFO_SIZE = 256
@@ -134,6 +148,36 @@ def tcpInfo(sock: socket.socket) -> TCPInfo | None:
         rtt=values["rtt"] / 1e6,
         lastAckRecv=values["last_ack_recv"] / 1000,
         notSent=values["notsent_bytes"],
+        lastDataRecv=values["last_data_recv"] / 1000,
+        bytesAcked=values["bytes_acked"],
+        bytesReceived=values["bytes_received"],
+    )
+
+
+#: States in which the peer's FIN has been received (C{TCP_CLOSE} too,
+#: unless the connection was reset: see L{transferred}).
+_PEER_FIN_IN = frozenset({_TCP_CLOSE_WAIT, _TCP_LAST_ACK, _TCP_CLOSING, _TCP_TIME_WAIT})
+#: States in which our FIN has been acknowledged (C{TCP_CLOSE} likewise).
+_OUR_FIN_ACKED = frozenset({_TCP_FIN_WAIT2, _TCP_TIME_WAIT})
+
+
+def transferred(info: TCPInfo, reset: bool) -> tuple[int, int]:
+    """
+    The data bytes a connection received and sent (acknowledged), from its
+    C{TCP_INFO}.
+
+    Linux counts a FIN as a byte in C{tcpi_bytes_received} and
+    C{tcpi_bytes_acked} (it takes a sequence number), so a FIN known from
+    the state is taken off.  A connection that reached C{TCP_CLOSE}
+    without a reset exchanged both FINs; after a reset neither is assumed
+    (a FIN before the reset is then counted as one byte).
+    """
+    closedCleanly = info.state == _TCP_CLOSE and not reset
+    peerFin = info.state in _PEER_FIN_IN or closedCleanly
+    ourFinAcked = info.state in _OUR_FIN_ACKED or closedCleanly
+    return (
+        max(info.bytesReceived - peerFin, 0),
+        max(info.bytesAcked - ourFinAcked, 0),
     )
 
 
@@ -407,6 +451,24 @@ class SocketProbe:
 
     def unread(self) -> int:
         return unread(self.socket)
+
+    def setBlocking(self, blocking: bool) -> None:
+        """
+        Make the socket (every descriptor of it: the flag belongs to the
+        open file) blocking, as a worker given it expects, or non-blocking
+        again, as the reactor needs it.
+        """
+        self.socket.setblocking(blocking)
+
+    def info(self) -> TCPInfo | None:
+        """
+        The socket's L{TCPInfo}, or C{None} if it has none (not TCP, not
+        Linux, or closed).
+        """
+        try:
+            return tcpInfo(self.socket)
+        except OSError:
+            return None
 
     def close(self) -> None:
         self.socket.close()

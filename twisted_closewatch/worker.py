@@ -250,7 +250,9 @@ class WorkerHandle:
         self._process = spawn(protocol)
         self.pid = protocol.pid
         self.outputProducer = _WorkerReading(self._process)
-        self._process.pipes[0].bufferSize = config.readAhead - config.clientReadSize
+        stdin = self._process.pipes.get(0)
+        if stdin is not None:  # not under --direct, where stdin is the socket
+            stdin.bufferSize = config.readAhead - config.clientReadSize
         if config.maxLifetime:
             self._lifetimeCall = clock.callLater(config.maxLifetime, sink.workerLifetimeOver)
 
@@ -366,9 +368,12 @@ class ProcessStarter:
         client: IClient,
         record: ConnectionRecord,
         onEnded: Callable[[], None],
+        stdio: int | None = None,
     ) -> WorkerHandle:
         """
-        Start the worker of C{client}'s connection.
+        Start the worker of C{client}'s connection; given C{stdio} (the
+        client's socket, under C{--direct}), as the worker's stdin and
+        stdout.
 
         @raise OSError: it could not be started.
         """
@@ -380,6 +385,7 @@ class ProcessStarter:
             # command, or its Python entry point when it has one.
             spawnProcess = spawner.spawnWorker
             argv = None if self._config.pythonWorker else argv
+        socket = {} if stdio is None else {"stdio": stdio}
         return WorkerHandle(
             self._reactor,
             self._config,
@@ -393,6 +399,7 @@ class ProcessStarter:
                 pipeSize=self._config.pipeSize,
                 guardian=self._guardian(),
                 beforeTeardown=self._beforeTeardown,
+                **socket,
             ),
             onEnded,
         )
