@@ -359,6 +359,32 @@ class Server:
             os.unlink(self.logPath)
 
 
+def scrapeMetrics(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """
+    The server's Prometheus metrics (C{--metrics tcp:0:...}), by name and
+    sorted labels.
+    """
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def port() -> int | None:
+        for event in server.events():
+            match = re.search(r"_MetricsSite starting on (\d+)$", event.get("text", ""))
+            if match:
+                return int(match.group(1))
+        return None
+
+    url = f"http://127.0.0.1:{wait(port)}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def runTwistd(args: Sequence[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """
     Run C{twistd -n closewatch ARGS} expecting it to exit by itself.

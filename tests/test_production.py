@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from typing import Any
 
 from twisted.internet import defer, endpoints, protocol
@@ -34,6 +32,7 @@ from tests.support import (
     readLine,
     reset,
     runTwistd,
+    scrapeMetrics,
     wait,
     waitGone,
 )
@@ -345,23 +344,7 @@ class DieWithServerTests(TestCase):
 
 class MetricsTests(TestCase):
     def scrape(self, server: Server) -> dict[tuple[str, tuple], float]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        def port() -> int | None:
-            for event in server.events():
-                match = re.search(r"_MetricsSite starting on (\d+)$", event.get("text", ""))
-                if match:
-                    return int(match.group(1))
-            return None
-
-        url = f"http://127.0.0.1:{wait(port)}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+        return scrapeMetrics(server)
 
     def test_counts(self) -> None:
         server = startServer(

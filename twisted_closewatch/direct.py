@@ -131,6 +131,8 @@ class DirectConnection:
         self._idle = KernelIdleTimeout(
             clock, config.idleTimeout, self._sinceLastData, probe.unread, self.clientGone
         )
+        # What the server read itself (a PROXY header) is not the client's.
+        self._consumed = probe.consumed()
         self.state = State.RUNNING
         probe.setBlocking(True)
         try:
@@ -244,9 +246,8 @@ class DirectConnection:
         self._departure.unwatch()
         info = self._probe.info()
         if info is not None:
-            self.record.bytesIn, self.record.bytesOut = transferred(
-                info, self.record.reason in _RESETS
-            )
+            received, self.record.bytesOut = transferred(info, self.record.reason in _RESETS)
+            self.record.bytesIn = max(received - self._consumed, 0)
         self._probe.setBlocking(False)
 
     def _end(self) -> None:

@@ -338,6 +338,8 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["direct"]:
+            self._checkDirect()
         self["endpoints"] = [_parseEndpoint(d) for d in self["listen"]]
         self["warnings"] = [w for e in self["endpoints"] for w in _unixModeWarnings(e)]
         if self["cgroup-warning"] is not None:
@@ -370,8 +372,6 @@ class Options(usage.Options):
             )
         except InvalidSetting as e:
             raise usage.UsageError(str(e)) from None
-        if self["direct"]:
-            self._checkDirect()
         self["web"] = self._webConfig()
 
     def _checkDirect(self) -> None:
@@ -398,7 +398,7 @@ class Options(usage.Options):
                     f"--direct cannot serve --listen {description!r}: TLS is decrypted by the "
                     "server (terminate TLS in HAProxy and listen on haproxy:tcp:, or drop --direct)"
                 )
-            if kind == "unix" and self["config"].idleTimeout:
+            if kind == "unix" and self["idle-timeout"]:
                 raise usage.UsageError(
                     f"--idle-timeout needs TCP_INFO under --direct, which the unix socket "
                     f"--listen {description!r} has not"

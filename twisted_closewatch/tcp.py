@@ -243,6 +243,10 @@ def lossReason(probe: socket.socket | None, config: Config) -> EndReason:
         return EndReason.CLIENT_RESET
     if pending in RESET_ERRORS:
         return EndReason.CLIENT_RESET
+    if info is None and not pending and probe.family == getattr(socket, "AF_UNIX", None):
+        # A unix peer's close is a hang-up without an error (it is
+        # ECONNRESET when the peer left input unread).
+        return EndReason.CLIENT_CLOSED
     if pending:
         # The kernel's verdict is a timeout (or an unknown error: a reset).
         if pending not in TIMEOUT_ERRORS:
@@ -469,6 +473,22 @@ class SocketProbe:
             return tcpInfo(self.socket)
         except OSError:
             return None
+
+    def consumed(self, attempts: int = 3) -> int:
+        """
+        The bytes received and already read off the socket (before a
+        handover: a PROXY header), FINs left out: C{TCP_INFO}'s count less
+        what is unread, taken when no byte arrived in between (0 if that
+        cannot be had).
+        """
+        for _ in range(attempts):
+            unread = self.unread()
+            info = self.info()
+            if info is None:
+                return 0
+            if self.unread() == unread:
+                return max(transferred(info, reset=False)[0] - unread, 0)
+        return 0
 
     def close(self) -> None:
         self.socket.close()
