@@ -1,0 +1,513 @@
+"""
+C{--direct} in memory: the owner's transitions, the idle timeout from the
+kernel's time since the client's last data (on a fake clock), the byte
+counts from C{TCP_INFO}, and the start-up conflicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import alsoProvides
+
+from tests.unit.fakes import (
+    FakeCloseWatch,
+    FakeProbe,
+    FakeWorker,
+    HalfCloseableTransport,
+    spawnFailure,
+)
+from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
+from twisted_closewatch.config import Config, InvalidSetting
+from twisted_closewatch.direct import DirectConnection, State
+from twisted_closewatch.liveness import KernelIdleTimeout
+from twisted_closewatch.options import Options
+from twisted_closewatch.record import ConnectionRecord, EndReason
+from twisted_closewatch.relay import LINGER_SECONDS, SpawnFailed, connect
+from twisted_closewatch.tcp import TCPInfo, transferred
+from twisted_closewatch.worker import IWorkerSink
+
+ESTABLISHED, CLOSE, CLOSE_WAIT, FIN_WAIT2 = 1, 7, 8, 5
+
+
+def info(state: int = ESTABLISHED, received: int = 0, acked: int = 0, idle: float = 0) -> TCPInfo:
+    return TCPInfo(
+        state=state,
+        retransmits=0,
+        probes=0,
+        rtt=0.0,
+        lastAckRecv=0.0,
+        notSent=0,
+        lastDataRecv=idle,
+        bytesAcked=acked,
+        bytesReceived=received,
+    )
+
+
+class SocketProbe(FakeProbe):
+    """
+    A client socket whose blocking flag, C{TCP_INFO} and unread bytes the
+    test sets and reads.
+    """
+
+    def __init__(self, actions: list[str]) -> None:
+        super().__init__(actions)
+        self.blocking = False
+        self.tcp: TCPInfo | None = info()
+        self.consumedBytes = 0
+
+    def setBlocking(self, blocking: bool) -> None:
+        self.blocking = blocking
+        self.actions.append("blocking" if blocking else "non-blocking")
+
+    def info(self) -> TCPInfo | None:
+        return self.tcp
+
+    def consumed(self) -> int:
+        return self.consumedBytes
+
+
+class DirectHarness:
+    """
+    A L{DirectConnection} over a L{ByteStreamClient} on a
+    L{HalfCloseableTransport}, with a L{FakeWorker}, a L{FakeCloseWatch}
+    and a L{SocketProbe}, on a L{MemoryReactorClock}.
+    """
+
+    def __init__(
+        self,
+        spawnError: OSError | None = None,
+        tls: bool = False,
+        consumed: int = 0,
+        reapedWhileSpawning: bool = False,
+        **config: Any,
+    ) -> None:
+        self.actions: list[str] = []
+        self.clock = MemoryReactorClock()
+        self.config = Config(argv=("/bin/cat",), direct=True, **config)
+        self.watch = FakeCloseWatch(self.actions)
+        self.probe = SocketProbe(self.actions)
+        self.probe.consumedBytes = consumed
+        self.record = ConnectionRecord(3, "192.0.2.1:4242")
+        self.ended: list[ConnectionRecord] = []
+        self.workers: list[FakeWorker] = []
+        self.stdio: list[int] = []
+        self._spawnError = spawnError
+        self._reapedWhileSpawning = reapedWhileSpawning
+        self.transport = HalfCloseableTransport()
+        if tls:
+            alsoProvides(self.transport, ISSLTransport)
+        self.client = ByteStreamClient(
+            self._connect, self.clock, probe=lambda transport: self.probe
+        )
+        self.client.makeConnection(self.transport)
+
+    def _connect(self, client: IClient) -> IClientEvents:
+        self.connection = connect(
+            client,
+            self.record,
+            self.ended.append,
+            lambda: DirectConnection(
+                client,
+                self.record,
+                self.config,
+                self.clock,
+                self.watch,
+                self._startWorker,
+                self.ended.append,
+            ),
+        )
+        return self.connection
+
+    def _startWorker(self, sink: IWorkerSink, stdio: int) -> FakeWorker:
+        self.actions.append("spawn")
+        if self._spawnError is not None:
+            raise self._spawnError
+        self.stdio.append(stdio)
+        worker = FakeWorker(sink, self.actions)
+        self.workers.append(worker)
+        if self._reapedWhileSpawning:
+            sink.workerReaped()
+        return worker
+
+    @property
+    def direct(self) -> DirectConnection:
+        assert isinstance(self.connection, DirectConnection)
+        return self.connection
+
+    @property
+    def worker(self) -> FakeWorker:
+        return self.workers[0]
+
+    def exits(self, code: int | None = 0, signal: int | None = None) -> None:
+        self.direct.workerReaped()
+        self.direct.workerEnded(code, signal)
+
+
+DONE = Failure(ConnectionDone())
+LOST = Failure(ConnectionLost())
+
+
+class HandoverTests(SynchronousTestCase):
+    """
+    The worker gets the socket, blocking, and the transport is left alone.
+    """
+
+    def test_socketGiven(self) -> None:
+        h = DirectHarness()
+        self.assertIs(h.direct.state, State.RUNNING)
+        self.assertEqual(h.stdio, [h.probe.fd])
+        self.assertEqual(h.record.pid, h.worker.pid)
+        self.assertEqual(h.transport.producerState, "paused")
+        self.assertTrue(h.probe.blocking)
+        self.assertEqual(h.actions[:2], ["blocking", "spawn"])
+        self.assertIn(h.probe.fd, h.watch.watched)
+        self.assertIs(h.probe.configuredWith, h.config)
+
+    def test_serverNeverTouchesTheBytes(self) -> None:
+        """
+        Nothing is written to the transport while the worker runs.
+        """
+        h = DirectHarness()
+        h.clock.advance(100)
+        self.assertEqual(h.transport.value(), b"")
+        self.assertFalse(h.transport.disconnecting)
+
+    def test_spawnFailed(self) -> None:
+        """
+        A worker that cannot start: the socket is non-blocking again for
+        the reactor, and the connection closes as a spawn failure.
+        """
+        h = DirectHarness(spawnError=spawnFailure())
+        self.assertIsInstance(h.connection, SpawnFailed)
+        self.assertFalse(h.probe.blocking)
+        self.assertTrue(h.transport.disconnecting)
+        h.client.connectionLost(DONE)
+        self.assertEqual([r.reason for r in h.ended], [EndReason.SPAWN_FAILED])
+
+    def test_tlsRefused(self) -> None:
+        """
+        A TLS client has no socket of its own to give: no worker is started.
+        """
+        h = DirectHarness(tls=True)
+        self.assertIsInstance(h.connection, SpawnFailed)
+        self.assertNotIn("spawn", h.actions)
+
+    def test_reapedWhileSpawning(self) -> None:
+        """
+        A worker reaped before its start returns: the socket is taken back
+        at once, and never watched.
+        """
+        h = DirectHarness(reapedWhileSpawning=True)
+        self.assertIs(h.direct.state, State.LINGERING)
+        self.assertNotIn(h.probe.fd, h.watch.watched)
+        self.assertFalse(h.probe.blocking)
+
+
+class DepartureTests(SynchronousTestCase):
+    """
+    The client leaves: the kill first, the socket left alone until the
+    worker is reaped, then closed.
+    """
+
+    def test_finKills(self) -> None:
+        h = DirectHarness()
+        h.watch.sawClose(h.probe.fd)
+        self.assertEqual(h.actions[-1], "kill")
+        self.assertIs(h.direct.state, State.KILLED)
+        self.assertEqual(h.record.reason, EndReason.CLIENT_CLOSED)
+        # The worker may still hold the socket: no shutdown, no close.
+        self.assertFalse(h.transport.disconnecting)
+        self.assertTrue(h.probe.blocking)
+        h.probe.tcp = info(CLOSE_WAIT, received=101, acked=7)
+        h.direct.workerReaped()
+        self.assertIs(h.direct.state, State.CLIENT_GONE)
+        self.assertTrue(h.transport.disconnecting)
+        self.assertFalse(h.probe.blocking)
+        self.assertNotIn(h.probe.fd, h.watch.watched)
+        self.assertEqual((h.record.bytesIn, h.record.bytesOut), (100, 7))
+        h.client.connectionLost(DONE)
+        self.assertIs(h.direct.state, State.WORKER_EXITING)
+        self.assertEqual(h.ended, [])
+        h.direct.workerEnded(None, 9)
+        self.assertIs(h.direct.state, State.ENDED)
+        self.assertEqual(h.ended, [h.record])
+        self.assertTrue(h.probe.closed)
+
+    def test_resetKillsAndAborts(self) -> None:
+        h = DirectHarness()
+        h.watch.sawReset(h.probe.fd)
+        self.assertEqual(h.actions[-2:], ["kill", "probe"])
+        h.probe.tcp = info(CLOSE, received=5)
+        h.exits(None, 9)
+        self.assertIs(h.direct.state, State.CLOSING)
+        self.assertEqual(h.record.reason, EndReason.CLIENT_RESET)
+        self.assertEqual(h.record.bytesIn, 5, "no FIN assumed after a reset")
+        h.client.connectionLost(LOST)
+        self.assertEqual(h.ended, [h.record])
+
+    def test_halfCloseForward(self) -> None:
+        """
+        Under C{--half-close forward} a FIN is the worker's to read; a reset
+        later still kills.
+        """
+        h = DirectHarness(halfClose="forward")
+        h.watch.sawClose(h.probe.fd)
+        self.assertEqual(h.worker.kills, 0)
+        self.assertIs(h.direct.state, State.RUNNING)
+        h.watch.sawReset(h.probe.fd)
+        self.assertEqual(h.worker.kills, 1)
+        self.assertEqual(h.record.reason, EndReason.CLIENT_RESET)
+
+    def test_onlyTheFirstDeparture(self) -> None:
+        h = DirectHarness()
+        h.watch.sawClose(h.probe.fd)
+        h.direct.clientGone(EndReason.SERVER_STOPPING)
+        h.watch.sawReset(h.probe.fd)
+        self.assertEqual(h.worker.kills, 1)
+        self.assertEqual(h.record.reason, EndReason.CLIENT_CLOSED)
+
+    def test_graceKeepsTheSocket(self) -> None:
+        """
+        Under C{--grace} the worker may run on after its kill: the socket is
+        still left alone until it is reaped.
+        """
+        h = DirectHarness(grace=5)
+        h.worker.dying = False
+        h.direct.clientGone(EndReason.SERVER_STOPPING)
+        h.clock.advance(4)
+        self.assertFalse(h.transport.disconnecting)
+        h.direct.workerReaped()
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_maxLifetimeClosesGracefully(self) -> None:
+        h = DirectHarness()
+        h.direct.workerLifetimeOver()
+        h.direct.workerReaped()
+        self.assertEqual(h.record.reason, EndReason.MAX_LIFETIME)
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_connectionLostEndsAfterTheWorker(self) -> None:
+        """
+        Closed before the worker ended: the end waits for the worker.
+        """
+        h = DirectHarness()
+        h.watch.sawClose(h.probe.fd)
+        h.direct.workerReaped()
+        h.direct.workerEnded(None, 9)
+        self.assertIs(h.direct.state, State.CLOSING)
+        h.client.connectionLost(DONE)
+        self.assertEqual(h.ended, [h.record])
+
+
+class WorkerEndTests(SynchronousTestCase):
+    """
+    The worker exits by itself: the socket is the server's again, a FIN
+    goes out after what the worker wrote.
+    """
+
+    def test_lingers(self) -> None:
+        h = DirectHarness()
+        h.probe.tcp = info(ESTABLISHED, received=10, acked=20)
+        h.direct.workerReaped()
+        self.assertIs(h.direct.state, State.LINGERING)
+        self.assertTrue(h.transport.writeClosed)
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertFalse(h.probe.blocking)
+        self.assertEqual((h.record.bytesIn, h.record.bytesOut), (10, 20))
+        # The client's input is drained, not given to anyone.
+        h.client.dataReceived(b"late")
+        h.direct.workerEnded(0, None)
+        self.assertIs(h.direct.state, State.CLOSING)
+        h.client.readConnectionLost()
+        self.assertTrue(h.transport.disconnecting)
+        h.client.connectionLost(DONE)
+        self.assertEqual(h.ended, [h.record])
+        self.assertEqual(h.record.reason, EndReason.WORKER_EXITED)
+
+    def test_lingerBounded(self) -> None:
+        h = DirectHarness()
+        h.exits()
+        h.clock.advance(LINGER_SECONDS)
+        self.assertTrue(h.transport.disconnecting)
+
+    def test_headerBytesNotCounted(self) -> None:
+        """
+        What the server read itself before the handover (a PROXY header) is
+        not the client's: it is taken off the count.
+        """
+        h = DirectHarness(consumed=44)
+        h.probe.tcp = info(CLOSE_WAIT, received=44 + 22 + 1)
+        h.exits()
+        self.assertEqual(h.record.bytesIn, 22)
+
+    def test_notTCP(self) -> None:
+        """
+        A socket without C{TCP_INFO} (unix) counts nothing.
+        """
+        h = DirectHarness()
+        h.probe.tcp = None
+        h.exits()
+        self.assertEqual((h.record.bytesIn, h.record.bytesOut), (0, 0))
+
+
+class TransferredTests(SynchronousTestCase):
+    """
+    Linux counts a FIN as a byte; L{transferred} takes it off.
+    """
+
+    def test_established(self) -> None:
+        self.assertEqual(transferred(info(ESTABLISHED, 5, 3), reset=False), (5, 3))
+
+    def test_peerFin(self) -> None:
+        self.assertEqual(transferred(info(CLOSE_WAIT, 6, 3), reset=False), (5, 3))
+
+    def test_ourFinAcked(self) -> None:
+        self.assertEqual(transferred(info(FIN_WAIT2, 5, 4), reset=False), (5, 3))
+
+    def test_bothFins(self) -> None:
+        self.assertEqual(transferred(info(CLOSE, 6, 4), reset=False), (5, 3))
+
+    def test_reset(self) -> None:
+        self.assertEqual(transferred(info(CLOSE, 2, 0), reset=True), (2, 0))
+
+
+class KernelIdleTimeoutTests(SynchronousTestCase):
+    """
+    The idle timeout from C{tcpi_last_data_recv}, on a fake clock.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.lastData = 0.0
+        self.silence: float | None = 0.0
+        self.unread = 0
+        self.gone: list[EndReason] = []
+
+    def idle(self, timeout: float = 5) -> KernelIdleTimeout:
+        timer = KernelIdleTimeout(
+            self.clock,
+            timeout,
+            lambda: None if self.silence is None else self.clock.seconds() - self.lastData,
+            lambda: self.unread,
+            self.gone.append,
+        )
+        timer.start()
+        return timer
+
+    def test_silentClient(self) -> None:
+        self.idle()
+        self.clock.advance(4.99)
+        self.assertEqual(self.gone, [])
+        self.clock.advance(0.01)
+        self.assertEqual(self.gone, [EndReason.IDLE_TIMEOUT])
+
+    def test_countsFromTheLastData(self) -> None:
+        self.idle()
+        self.clock.advance(3)
+        self.lastData = self.clock.seconds()
+        self.clock.advance(2)
+        self.assertEqual(self.gone, [])
+        self.clock.advance(2.99)
+        self.assertEqual(self.gone, [])
+        self.clock.advance(0.01)
+        self.assertEqual(self.gone, [EndReason.IDLE_TIMEOUT])
+
+    def test_unreadDataIsNotSilence(self) -> None:
+        """
+        Data the worker has not read: the silence is the worker's, and the
+        period starts again.
+        """
+        self.idle()
+        self.unread = 100
+        self.clock.advance(5)
+        self.clock.advance(20)
+        self.assertEqual(self.gone, [])
+        self.unread = 0
+        self.clock.advance(5)
+        self.assertEqual(self.gone, [EndReason.IDLE_TIMEOUT])
+
+    def test_offAtZero(self) -> None:
+        self.idle(0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_notTCP(self) -> None:
+        """
+        A socket that cannot tell (not TCP) has no idle timeout.
+        """
+        self.silence = None
+        self.idle()
+        self.clock.advance(100)
+        self.assertEqual(self.gone, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop(self) -> None:
+        timer = self.idle()
+        timer.stop()
+        self.clock.advance(100)
+        self.assertEqual(self.gone, [])
+
+    def test_throughTheConnection(self) -> None:
+        """
+        A direct connection's idle timeout kills its worker, and the socket
+        is aborted once the worker is reaped.
+        """
+        h = DirectHarness(idleTimeout=2)
+        h.probe.tcp = info(idle=1.0)
+        h.clock.advance(2)
+        self.assertEqual(h.worker.kills, 0)
+        h.probe.tcp = info(idle=2.0)
+        h.clock.advance(1)
+        self.assertEqual(h.record.reason, EndReason.IDLE_TIMEOUT)
+        h.direct.workerReaped()
+        self.assertTrue(h.transport.disconnecting)
+
+
+class ConflictTests(SynchronousTestCase):
+    """
+    What cannot work directly is a one-line usage error naming the conflict.
+    """
+
+    def refused(self, *args: str) -> str:
+        options = Options()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--direct", *args, "--", "/bin/cat"])
+        return str(caught.exception)
+
+    def test_websocket(self) -> None:
+        self.assertIn("--websocket", self.refused("--websocket"))
+
+    def test_tls(self) -> None:
+        self.assertIn("ssl:", self.refused("-l", "ssl:8443:privateKey=k.pem"))
+
+    def test_tlsBehindProxy(self) -> None:
+        self.assertIn("TLS", self.refused("-l", "haproxy:ssl:8443:privateKey=k.pem"))
+
+    def test_heartbeat(self) -> None:
+        self.assertIn("--heartbeat does not apply", self.refused("--heartbeat", "1"))
+
+    def test_readAhead(self) -> None:
+        self.assertIn("--read-ahead", self.refused("--read-ahead", "1m"))
+
+    def test_idleTimeoutOnUnix(self) -> None:
+        message = self.refused("-l", "haproxy:unix:/tmp/x.sock", "--idle-timeout", "3")
+        self.assertIn("--idle-timeout needs TCP_INFO", message)
+
+    def test_configHeartbeat(self) -> None:
+        """
+        A library user's L{Config} refuses the heartbeat too.
+        """
+        self.assertRaises(InvalidSetting, Config, direct=True, heartbeat=1.0)
+
+    def test_accepted(self) -> None:
+        options = Options()
+        options.parseOptions(
+            ["--direct", "--idle-timeout", "3", "--half-close", "forward", "--", "/bin/cat"]
+        )
+        self.assertTrue(options["config"].direct)
