@@ -91,8 +91,10 @@ def main() -> int:
     }
     try:
         for run in range(args.runs):
-            one: dict = {"throughput": {}, "kill": {}}
-            for name in ("direct", "tcpserver", "relayed"):
+            one: dict = {"throughput": {}, "server_cpu_ms_per_mib": {}, "kill": {}}
+            # Each run starts with another server: no order is favoured.
+            order = ["direct", "tcpserver", "relayed"]
+            for name in order[run % 3 :] + order[: run % 3]:
                 if name == "tcpserver":
                     server = startTCPServer([cat], logdir)
                 else:
@@ -104,7 +106,9 @@ def main() -> int:
                 finally:
                     cb.stopServer(server)
                 one["throughput"][name] = r["mb_per_s"]
-                cb.log(f"run {run} throughput {name:9s}: {cb.fmt(r['mb_per_s'], 0)} MB/s"
+                one["server_cpu_ms_per_mib"][name] = r["server_cpu_ms_per_mib"]
+                cb.log(f"run {run} throughput {name:9s}: {cb.fmt(r['mb_per_s'], 0)} MB/s, "
+                       f"server CPU {cb.fmt(r['server_cpu_ms_per_mib'], 3)} ms/MiB"
                        + ("" if r["ok"] else f" FAILED {r['error']}"))
             direct = startCloseWatch("direct", ["--direct"], pidWorker, logdir)
             relayed = startCloseWatch("relayed", [], pidWorker, logdir)
@@ -136,6 +140,8 @@ def main() -> int:
     runs = res["runs"]
     tp = {name: median([r["throughput"][name] for r in runs])
           for name in ("direct", "tcpserver", "relayed")}
+    cpu = {name: median([r["server_cpu_ms_per_mib"][name] for r in runs])
+           for name in ("direct", "tcpserver", "relayed")}
     tpRatio = median([ratio(r["throughput"]["direct"], r["throughput"]["tcpserver"])
                       for r in runs])
     killP50 = {name: median([r["kill"][name]["p50_ms"] for r in runs])
@@ -148,6 +154,7 @@ def main() -> int:
     grandAll = sum(r["grandchildren"]["connections"] for r in runs)
     res["summary"] = {
         "throughput_mb_per_s": tp, "throughput_ratio_direct_tcpserver": tpRatio,
+        "server_cpu_ms_per_mib": cpu,
         "kill_p50_ms": killP50, "kill_p99_ms": killP99, "kill_p50_ratio_direct_relayed": killRatio,
         "grandchildren_killed": [grandKilled, grandAll],
     }
@@ -156,6 +163,8 @@ def main() -> int:
     print(f"throughput MB/s (median): direct {cb.fmt(tp['direct'], 0)}, tcpserver "
           f"{cb.fmt(tp['tcpserver'], 0)}, relayed {cb.fmt(tp['relayed'], 0)}; "
           f"direct/tcpserver {cb.fmt(tpRatio, 2)} (median of same-run ratios; target >= 0.8)")
+    print(f"server CPU ms/MiB (median): direct {cb.fmt(cpu['direct'], 3)}, tcpserver "
+          f"{cb.fmt(cpu['tcpserver'], 3)}, relayed {cb.fmt(cpu['relayed'], 3)}")
     print(f"FIN -> worker gone p50 / p99 ms (median): direct {cb.fmt(killP50['direct'], 3)} / "
           f"{cb.fmt(killP99['direct'], 3)}, relayed {cb.fmt(killP50['relayed'], 3)} / "
           f"{cb.fmt(killP99['relayed'], 3)}; p50 direct/relayed {cb.fmt(killRatio, 2)} "

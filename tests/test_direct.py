@@ -36,6 +36,7 @@ from tests.support import (
 )
 from tests.test_liveness import FAST_KEEPALIVE, YES_WORKER, netnsUnavailable, runScenarios
 from tests.test_production import freePort, haproxyConfig, listening
+from tests.test_spawner import _needCgroups
 
 #: Says who it is, then echoes its input.
 ECHO_WORKER = ["/bin/sh", "-c", "echo $$; exec cat"]
@@ -204,6 +205,23 @@ class KillTests(DirectTestCase):
         self.assertTrue(alive(child))
         sock.close()
         waitGone([pid, child], 5)
+
+    def test_setsidDaemonWithTheSocket(self) -> None:
+        """
+        With the cgroup on, a daemon that left the worker's group holding
+        the socket (fds 0 and 1 inherited) dies with the worker too.
+        """
+        _needCgroups()
+        server = self.startServer(
+            ["--cgroup", "on"],
+            ["/bin/sh", "-c", 'setsid sh -c "exec sleep 100000" & echo $$ $!; exec sleep 100000'],
+        )
+        sock = server.connect()
+        pid, daemon = (int(p) for p in readLine(sock).split())
+        wait(lambda: socketInode(daemon, 1) is not None, 5)
+        sock.close()
+        waitGone([pid, daemon], 5)
+        self.assertEqual(server.endOf(1)["reason"], "client-closed")
 
     def test_maxLifetime(self) -> None:
         """
