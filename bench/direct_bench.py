@@ -10,8 +10,8 @@ loopback, every measure alternated in the same run:
      worker owns the socket too) and the relayed mode, one repetition each
      per run, in turn;
   2. kill latency after a FIN, one connection at a time, --direct and the
-     relayed mode trial by trial (the worker prints its PID and sleeps;
-     the exit is taken with a pidfd);
+     relayed mode trial by trial, each first in half of the pairs (the
+     worker prints its PID and sleeps; the exit is taken with a pidfd);
   3. grandchildren killed: a worker that starts a child in its group and
      prints the child's PID; the child's exit after the client's FIN.
 
@@ -59,6 +59,18 @@ def startTCPServer(worker: list[str], logdir: Path) -> cb.Server:
     cb.SERVERS.append(server)
     server.start()
     return server
+
+
+def mergeCells(cells: list[dict]) -> dict:
+    """
+    One kill cell from several of the same server: counts added, the
+    percentiles over all the samples.
+    """
+    samples = [x for cell in cells for x in cell["samples_ms"]]
+    merged = {key: sum(cell[key] for cell in cells)
+              for key in ("connections", "killed", "survived")}
+    merged.update(p50_ms=cb.percentile(samples, 50), p99_ms=cb.percentile(samples, 99))
+    return merged
 
 
 def median(values: list[float | None]) -> float | None:
@@ -114,9 +126,14 @@ def main() -> int:
             relayed = startCloseWatch("relayed", [], pidWorker, logdir)
             family = startCloseWatch("family", ["--direct"], FAMILY_WORKER, logdir)
             try:
-                cells = cb.killCellsAlternating(
-                    {"direct": direct, "relayed": relayed}, "fin", args.trials
-                )
+                # Trial by trial, each server first in half of the pairs.
+                halves = [
+                    cb.killCellsAlternating(pair, "fin", args.trials // 2)
+                    for pair in ({"direct": direct, "relayed": relayed},
+                                 {"relayed": relayed, "direct": direct})
+                ]
+                cells = {name: mergeCells([half[name] for half in halves])
+                         for name in ("direct", "relayed")}
                 grand = cb.killCell(family, "fin", 1, args.trials)
             finally:
                 for server in (direct, relayed, family):
