@@ -359,6 +359,19 @@ class Server:
             os.unlink(self.logPath)
 
 
+def checkUsageError(test: Any, args: Sequence[str], message: str) -> None:
+    """
+    C{twistd closewatch ARGS} exits non-zero, with the usage text and
+    C{message} in its last line, and no traceback.
+    """
+    result = runTwistd(args)
+    test.assertNotEqual(result.returncode, 0)
+    output = result.stdout + result.stderr
+    test.assertNotIn("Traceback", output)
+    test.assertIn("Usage:", output)
+    test.assertIn(message, output.strip().splitlines()[-1])
+
+
 def scrapeMetrics(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """
     The server's Prometheus metrics (C{--metrics tcp:0:...}), by name and

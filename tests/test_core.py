@@ -15,6 +15,7 @@ from tests.support import (
     PID_WORKER,
     Server,
     alive,
+    checkUsageError,
     children,
     readAll,
     readLine,
@@ -311,12 +312,7 @@ class BadOptionsTests(TestCase):
     """
 
     def assertUsageError(self, args, message) -> None:
-        result = runTwistd(args)
-        self.assertNotEqual(result.returncode, 0)
-        output = result.stdout + result.stderr
-        self.assertNotIn("Traceback", output)
-        self.assertIn("Usage:", output)
-        self.assertIn(message, output.strip().splitlines()[-1])
+        checkUsageError(self, args, message)
 
     def test_unknownPolicy(self) -> None:
         self.assertUsageError(["--half-close", "maybe"], "--half-close 'maybe'")

@@ -21,13 +21,13 @@ from tests.support import (
     PID_WORKER,
     Server,
     alive,
+    checkUsageError,
     children,
     openFDs,
     pidfdWaitGone,
     readAll,
     readLine,
     reset,
-    runTwistd,
     scrapeMetrics,
     unixSocketPath,
     wait,
@@ -485,11 +485,7 @@ class StartupConflictTests(TestCase):
     """
 
     def assertRefused(self, args: list[str], message: str) -> None:
-        result = runTwistd(["--direct", *args])
-        output = result.stdout + result.stderr
-        self.assertNotEqual(result.returncode, 0)
-        self.assertNotIn("Traceback", output)
-        self.assertIn(message, output.strip().splitlines()[-1])
+        checkUsageError(self, ["--direct", *args], message)
 
     def test_tls(self) -> None:
         self.assertRefused(

@@ -184,6 +184,7 @@ class Harness:
         dying: bool = True,
         reapedWhileSpawning: bool = False,
         watchError: OSError | None = None,
+        transport: HalfCloseableTransport | None = None,
         **config: Any,
     ) -> None:
         self._dying = dying
@@ -192,31 +193,37 @@ class Harness:
         self.clock = MemoryReactorClock()
         self.config = Config(argv=("/bin/cat",), **config)
         self.watch = FakeCloseWatch(self.actions, watchError)
-        self.probe = FakeProbe(self.actions)
+        self.probe = self.makeProbe()
         self.record = ConnectionRecord(7, "192.168.1.1:54321")
         self.ended: list[ConnectionRecord] = []
         self.workers: list[FakeWorker] = []
         self._spawnError = spawnError
-        self.transport = HalfCloseableTransport()
+        self.transport = transport or HalfCloseableTransport()
         self.client = ByteStreamClient(
             self._connect, self.clock, probe=lambda transport: self.probe
         )
         self.client.makeConnection(self.transport)
 
-    def _connect(self, client: IClient) -> IClientEvents:
-        self.connection = connect(
+    def makeProbe(self) -> FakeProbe:
+        return FakeProbe(self.actions)
+
+    def makeOwner(self, client: IClient) -> Any:
+        """
+        The connection's owner: a relay.
+        """
+        return Relay(
             client,
             self.record,
+            self.config,
+            self.clock,
+            self.watch,
+            self._startWorker,
             self.ended.append,
-            lambda: Relay(
-                client,
-                self.record,
-                self.config,
-                self.clock,
-                self.watch,
-                self._startWorker,
-                self.ended.append,
-            ),
+        )
+
+    def _connect(self, client: IClient) -> IClientEvents:
+        self.connection = connect(
+            client, self.record, self.ended.append, lambda: self.makeOwner(client)
         )
         return self.connection
 

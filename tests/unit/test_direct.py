@@ -17,19 +17,19 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import alsoProvides
 
 from tests.unit.fakes import (
-    FakeCloseWatch,
     FakeProbe,
     FakeWorker,
     HalfCloseableTransport,
+    Harness,
     spawnFailure,
 )
-from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
+from twisted_closewatch.client import IClient
 from twisted_closewatch.config import Config, InvalidSetting
 from twisted_closewatch.direct import DirectConnection, State
 from twisted_closewatch.liveness import KernelIdleTimeout
 from twisted_closewatch.options import Options
-from twisted_closewatch.record import ConnectionRecord, EndReason
-from twisted_closewatch.relay import LINGER_SECONDS, SpawnFailed, connect
+from twisted_closewatch.record import EndReason
+from twisted_closewatch.relay import LINGER_SECONDS, SpawnFailed
 from twisted_closewatch.tcp import TCPInfo, transferred
 from twisted_closewatch.worker import IWorkerSink
 
@@ -73,77 +73,46 @@ class SocketProbe(FakeProbe):
         return self.consumedBytes
 
 
-class DirectHarness:
+class DirectHarness(Harness):
     """
-    A L{DirectConnection} over a L{ByteStreamClient} on a
-    L{HalfCloseableTransport}, with a L{FakeWorker}, a L{FakeCloseWatch}
-    and a L{SocketProbe}, on a L{MemoryReactorClock}.
+    A L{DirectConnection} in place of the relay, over a L{SocketProbe}.
+
+    @ivar stdio: the descriptors workers were given as stdin and stdout.
     """
 
-    def __init__(
-        self,
-        spawnError: OSError | None = None,
-        tls: bool = False,
-        consumed: int = 0,
-        reapedWhileSpawning: bool = False,
-        **config: Any,
-    ) -> None:
-        self.actions: list[str] = []
-        self.clock = MemoryReactorClock()
-        self.config = Config(argv=("/bin/cat",), direct=True, **config)
-        self.watch = FakeCloseWatch(self.actions)
-        self.probe = SocketProbe(self.actions)
-        self.probe.consumedBytes = consumed
-        self.record = ConnectionRecord(3, "192.0.2.1:4242")
-        self.ended: list[ConnectionRecord] = []
-        self.workers: list[FakeWorker] = []
+    def __init__(self, tls: bool = False, consumed: int = 0, **kwargs: Any) -> None:
         self.stdio: list[int] = []
-        self._spawnError = spawnError
-        self._reapedWhileSpawning = reapedWhileSpawning
-        self.transport = HalfCloseableTransport()
+        self._consumed = consumed
+        transport = HalfCloseableTransport()
         if tls:
-            alsoProvides(self.transport, ISSLTransport)
-        self.client = ByteStreamClient(
-            self._connect, self.clock, probe=lambda transport: self.probe
-        )
-        self.client.makeConnection(self.transport)
+            alsoProvides(transport, ISSLTransport)
+        super().__init__(transport=transport, direct=True, **kwargs)
 
-    def _connect(self, client: IClient) -> IClientEvents:
-        self.connection = connect(
+    def makeProbe(self) -> SocketProbe:
+        probe = SocketProbe(self.actions)
+        probe.consumedBytes = self._consumed
+        return probe
+
+    def makeOwner(self, client: IClient) -> DirectConnection:
+        return DirectConnection(
             client,
             self.record,
+            self.config,
+            self.clock,
+            self.watch,
+            self._startDirect,
             self.ended.append,
-            lambda: DirectConnection(
-                client,
-                self.record,
-                self.config,
-                self.clock,
-                self.watch,
-                self._startWorker,
-                self.ended.append,
-            ),
         )
-        return self.connection
 
-    def _startWorker(self, sink: IWorkerSink, stdio: int) -> FakeWorker:
+    def _startDirect(self, sink: IWorkerSink, stdio: int) -> FakeWorker:
         self.actions.append("spawn")
-        if self._spawnError is not None:
-            raise self._spawnError
         self.stdio.append(stdio)
-        worker = FakeWorker(sink, self.actions)
-        self.workers.append(worker)
-        if self._reapedWhileSpawning:
-            sink.workerReaped()
-        return worker
+        return self._startWorker(sink)
 
     @property
     def direct(self) -> DirectConnection:
         assert isinstance(self.connection, DirectConnection)
         return self.connection
-
-    @property
-    def worker(self) -> FakeWorker:
-        return self.workers[0]
 
     def exits(self, code: int | None = 0, signal: int | None = None) -> None:
         self.direct.workerReaped()
