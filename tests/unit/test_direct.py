@@ -6,6 +6,7 @@ counts from C{TCP_INFO}, and the start-up conflicts.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -30,7 +31,7 @@ from twisted_closewatch.liveness import KernelIdleTimeout
 from twisted_closewatch.options import Options
 from twisted_closewatch.record import EndReason
 from twisted_closewatch.relay import LINGER_SECONDS, SpawnFailed
-from twisted_closewatch.tcp import TCPInfo, transferred
+from twisted_closewatch.tcp import TCPInfo, lossReason, transferred
 from twisted_closewatch.worker import IWorkerSink
 
 ESTABLISHED, CLOSE, CLOSE_WAIT, FIN_WAIT2 = 1, 7, 8, 5
@@ -345,6 +346,26 @@ class TransferredTests(SynchronousTestCase):
 
     def test_reset(self) -> None:
         self.assertEqual(transferred(info(CLOSE, 2, 0), reset=True), (2, 0))
+
+
+class UnixPeerTests(SynchronousTestCase):
+    """
+    A unix socket client (no C{TCP_INFO}): its close is a hang-up without
+    an error, a close over unread input a reset.
+    """
+
+    def test_close(self) -> None:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ours.close)
+        peer.close()
+        self.assertEqual(lossReason(ours, Config()), EndReason.CLIENT_CLOSED)
+
+    def test_closeOverUnreadInput(self) -> None:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(ours.close)
+        ours.sendall(b"never read")
+        peer.close()
+        self.assertEqual(lossReason(ours, Config()), EndReason.CLIENT_RESET)
 
 
 class KernelIdleTimeoutTests(SynchronousTestCase):
