@@ -23,6 +23,7 @@ the server's again only then:
     KILLED --worker reaped--> CLIENT_GONE (the server's copies closed: FIN or RST)
     RUNNING --worker reaped--> LINGERING (FIN after what it wrote; input drained)
     CLIENT_GONE, LINGERING --connection closed--> WORKER_EXITING
+    RUNNING, KILLED --connection closed (by another hand)--> WORKER_EXITING (kill first)
     CLIENT_GONE, LINGERING --worker ended--> CLOSING
     WORKER_EXITING --worker ended--> ENDED
     CLOSING --connection closed--> ENDED

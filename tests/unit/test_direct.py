@@ -263,6 +263,21 @@ class DepartureTests(SynchronousTestCase):
         self.assertEqual(h.record.reason, EndReason.MAX_LIFETIME)
         self.assertTrue(h.transport.disconnecting)
 
+    def test_closedUnderTheWorker(self) -> None:
+        """
+        A connection closed while the worker runs (not by the server, which
+        never does): the worker is killed first, the end waits for it.
+        """
+        h = DirectHarness()
+        h.client.connectionLost(LOST)
+        self.assertEqual(h.worker.kills, 1)
+        self.assertIs(h.direct.state, State.WORKER_EXITING)
+        self.assertTrue(h.probe.closed)
+        self.assertNotIn(h.probe.fd, h.watch.watched)
+        h.exits(None, 9)
+        self.assertEqual(h.ended, [h.record])
+        self.assertEqual(h.record.reason, EndReason.CLIENT_RESET)
+
     def test_connectionLostEndsAfterTheWorker(self) -> None:
         """
         Closed before the worker ended: the end waits for the worker.
