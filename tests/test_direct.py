@@ -366,6 +366,38 @@ class EndTests(DirectTestCase):
         talking.close()
         silent.close()
 
+    def test_idleTimeoutWhileUnread(self) -> None:
+        """
+        Data the worker leaves unread: the silence is the worker's, and the
+        idle timeout does not take the client for gone.
+        """
+        server = self.startServer(["--idle-timeout", "1"])
+        sock, pid = server.connectWorker()
+        sock.sendall(b"never read\n")
+        self.assertFalse(pidfdWaitGone(pid, 2.5), "killed while its data waited unread")
+        sock.close()
+        self.assertTrue(pidfdWaitGone(pid, 5))
+        self.assertEqual(server.endOf(1)["reason"], "client-closed")
+
+    def test_graceLastWords(self) -> None:
+        """
+        Under C{--grace} the socket stays the worker's until it is reaped:
+        a worker ended for its lifetime says goodbye to its client itself.
+        """
+        server = self.startServer(
+            ["--max-lifetime", "0.5", "--grace", "2"],
+            [
+                "/bin/sh",
+                "-c",
+                'trap "echo bye; exit 0" TERM; echo $$; while :; do sleep 0.05; done',
+            ],
+        )
+        sock, pid = server.connectWorker()
+        self.assertEqual(readAll(sock, 5), b"bye\n")
+        self.assertTrue(pidfdWaitGone(pid, 5))
+        end = server.endOf(1)
+        self.assertEqual((end["reason"], end["exit_code"]), ("max-lifetime", 0))
+
     def test_unixSocket(self) -> None:
         """
         A unix socket listener: the worker gets the unix socket; a close is
