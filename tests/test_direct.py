@@ -223,6 +223,19 @@ class KillTests(DirectTestCase):
         waitGone([pid, daemon], 5)
         self.assertEqual(server.endOf(1)["reason"], "client-closed")
 
+    def test_serverStops(self) -> None:
+        """
+        SIGTERM: every worker is killed, each client gets a reset once its
+        worker is reaped, and the server exits 0.
+        """
+        server = self.startServer()
+        held = [server.connectWorker() for _ in range(2)]
+        self.assertEqual(server.stop(), 0)
+        waitGone([pid for _, pid in held], 5)
+        for sock, _ in held:
+            self.assertRaises(ConnectionResetError, readAll, sock, 5)
+        self.assertEqual({e["reason"] for e in server.ends()}, {"server-stopping"})
+
     def test_maxLifetime(self) -> None:
         """
         C{--max-lifetime} kills the worker, then the client gets a FIN.
