@@ -71,8 +71,10 @@ SCENARIOS = ("fin", "rst", "half", "paused")
 #: flow control), so it never pauses: no paused cell.  It takes part in the
 #: kill and rate measures only (its spawn cost grows with its open fds, and
 #: its relay buffers without bound).
-PEER_SCENARIOS = {"naive": ("fin", "rst", "half")}
-PEER_MEASURES = {"naive": {"kill", "rate"}}
+PEER_SCENARIOS = {"naive": ("fin", "rst", "half"), "ideal": ("fin", "rst", "half")}
+PEER_MEASURES = {"naive": {"kill", "rate"}, "ideal": {"kill"}}
+#: Servers that are Python scripts of this directory, not programs to find.
+SCRIPTED = ("closewatch", "naive", "ideal")
 SCENARIO_TITLES = {
     "fin": "FIN (close)",
     "rst": "RST (linger 0)",
@@ -340,6 +342,9 @@ def startServer(kind: str, worker: list[str], logdir: Path, serverPython: str) -
         server = Server(kind, argv, port, logdir)
     elif kind == "naive":
         argv = [serverPython, str(HERE / "naive_relay.py"), str(port), *worker]
+        server = Server(kind, argv, port, logdir)
+    elif kind == "ideal":
+        argv = [serverPython, str(HERE / "ideal_server.py"), str(port), *worker]
         server = Server(kind, argv, port, logdir)
     else:
         raise ValueError(kind)
@@ -1214,7 +1219,7 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
                     row.append(
                         f"p50 {fmt(ratio(cw['summary']['p50_ms'], ps['summary']['p50_ms']), 4)}"
                         + (f", p99 {fmt(ratio(cw['summary']['p99_ms'], ps['summary']['p99_ms']), 4)}"
-                           if p == "naive" else "")
+                           if p in PEER_SCENARIOS else "")
                     )
                 elif cw and ps:
                     row.append(f"{ps['summary']['survived']} survived")
@@ -1347,6 +1352,14 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
         target(f"kill FIN {n} at once: p99 <= 1.5x the kernel floor at {n} (same run)",
                r99 is not None and r99 <= 1.5 and cw["survived"] == 0,
                f"p99 {fmt(cw['p99_ms'], 3)} vs {fmt(floor99, 3)} ms ({fmt(r99, 2)}x)")
+        ideal = kill.get("ideal", {}).get(f"fin@{n}", {}).get("summary")
+        if ideal and ideal["killed"]:
+            i99 = ratio(cw["p99_ms"], ideal["p99_ms"])
+            target(f"kill FIN {n} at once: p99 against the ideal server's (ideal_server.py: "
+                   "epoll + killpg, nothing else; same run)",
+                   i99 is not None and i99 <= 1.5 and cw["survived"] == 0,
+                   f"p99 {fmt(cw['p99_ms'], 3)} vs {fmt(ideal['p99_ms'], 3)} ms ({fmt(i99, 2)}x); "
+                   f"ideal / floor {fmt(ratio(ideal['p99_ms'], floor99), 2)}x")
     lines.append("## Targets (closewatch)\n")
     lines.append("| target | result | measured |")
     lines.append("|---|---|---|")
@@ -1456,7 +1469,7 @@ def main() -> int:
 
     servers = []
     for name in args.servers.split(","):
-        if name not in ("closewatch", "naive") and shutil.which(name) is None:
+        if name not in SCRIPTED and shutil.which(name) is None:
             log(f"{name} not found, skipped (apt-get install -y socat ucspi-tcp)")
             continue
         servers.append(name)
@@ -1541,9 +1554,9 @@ def main() -> int:
                         together = (killCellsAlternating(killers, sc, cfg["single_trials"])
                                     if args.alternate and n == 1 and len(killers) > 1 else {})
                         for name in servers:  # interleaved: noise hits all alike
-                            if name == "naive" and sc not in PEER_SCENARIOS["naive"]:
+                            if name in PEER_SCENARIOS and sc not in PEER_SCENARIOS[name]:
                                 continue
-                            if name not in ("closewatch", "naive") and n not in cfg["peer_concurrency"]:
+                            if name not in SCRIPTED and n not in cfg["peer_concurrency"]:
                                 continue
                             r = together.get(name) or killCell(
                                 running[name], sc, n,

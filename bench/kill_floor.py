@@ -31,6 +31,15 @@ def oneRun(n: int) -> tuple[float, float, float]:
     """
     Kill C{n} sleeping groups; return (p50, p99, last) exit latency in ms.
     """
+    latencies = [(exited - killed) * 1000 for _, killed, exited in timeline(n)]
+    return percentile(latencies, 50), percentile(latencies, 99), max(latencies)
+
+
+def timeline(n: int) -> list[tuple[int, float, float]]:
+    """
+    Kill C{n} sleeping groups; return each one's pid, kill time and exit
+    time (C{time.perf_counter}, which is C{CLOCK_MONOTONIC} on Linux).
+    """
     pids = [os.posix_spawn("/bin/sleep", ["sleep", "1000000"], {}, setsid=True) for _ in range(n)]
     try:
         time.sleep(0.5)
@@ -56,8 +65,7 @@ def oneRun(n: int) -> tuple[float, float, float]:
         poller.close()
         for fd in pidfds:
             os.close(fd)
-        latencies = [(exitedAt[pid] - killedAt[pid]) * 1000 for pid in pids if pid in exitedAt]
-        return percentile(latencies, 50), percentile(latencies, 99), max(latencies)
+        return [(pid, killedAt[pid], exitedAt[pid]) for pid in pids if pid in exitedAt]
     finally:
         for pid in pids:
             try:

@@ -107,6 +107,7 @@ class EpollCloseWatch:
     def poll(self) -> None:
         while self._callbacks:
             ready = self._epoll.poll(0, 1024)
+            closed = []
             for fd, events in ready:
                 callbacks = self._callbacks.get(fd)
                 if callbacks is None:
@@ -124,9 +125,13 @@ class EpollCloseWatch:
                 elif events & _RDHUP:
                     onClosed()
                     if self._callbacks.get(fd) is callbacks:
-                        # Level-triggered: keep the registration for a later
-                        # reset only, or this FIN would be reported every time.
-                        self._epoll.modify(fd, 0)
+                        closed.append(fd)
+            # After every callback of the batch (every kill), and before the
+            # next poll: level-triggered, the registration is kept for a later
+            # reset only, or these FINs would be reported every time.
+            for fd in closed:
+                if fd in self._callbacks:
+                    self._epoll.modify(fd, 0)
             if len(ready) < 1024:
                 return
 

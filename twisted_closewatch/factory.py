@@ -42,6 +42,7 @@ from twisted.logger import Logger, LogLevel
 
 from twisted_closewatch import access, limits, spawn
 from twisted_closewatch.addresses import clientIP, describe
+from twisted_closewatch.aftermath import Aftermath
 from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
 from twisted_closewatch.closewatch import ICloseWatch, makeCloseWatch
 from twisted_closewatch.config import Config
@@ -75,6 +76,7 @@ class CloseWatchFactory(Factory):
         by.
     @ivar workers: how a connection's worker is started.
     @ivar metrics: where accepts, spawns and ends are counted, if anywhere.
+    @ivar aftermath: where the work that follows the kills waits.
     @ivar guardian: what kills the workers if the server dies, if anything
         (L{twisted_closewatch.service.CloseWatchService} sets it).
     @ivar spawner: what starts the workers, if not the server itself
@@ -111,6 +113,7 @@ class CloseWatchFactory(Factory):
         self.access = access.AccessPolicy(config, reactor)
         self._ids = itertools.count(1)
         self._closeWatch = closeWatch
+        self.aftermath = Aftermath(reactor, self._killFirst)
         self.workers = ProcessStarter(
             reactor,
             config,
@@ -206,7 +209,9 @@ class CloseWatchFactory(Factory):
     def _connect(self, slot: limits.Slot, connectionID: int, client: IClient) -> IClientEvents:
         record = ConnectionRecord(connectionID, describe(client.peer))
         ended = partial(self._ended, slot)
-        owner: type[Relay | DirectConnection] = DirectConnection if self.config.direct else Relay
+        owner: Callable[..., Relay | DirectConnection] = (
+            DirectConnection if self.config.direct else partial(Relay, aftermath=self.aftermath)
+        )
         makeOwner: Callable[[], Relay | DirectConnection] = partial(
             owner,
             client,

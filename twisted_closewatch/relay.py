@@ -7,9 +7,12 @@ killed and when the connection has ended.  Its states and transitions:
 
     RUNNING --client FIN, --half-close forward--> INPUT_DONE
     RUNNING, INPUT_DONE --client gone--> KILLED (SIGKILL sent)
-    KILLED --worker reaped, or DROP_DELAY--> CLIENT_GONE
+    KILLED --worker reaped and the burst's dying reaped, or DROP_DELAY--> CLIENT_GONE
+    KILLED --worker ended--> REAPED
+    REAPED --the burst's dying reaped, or DROP_DELAY--> CLOSING
     RUNNING, INPUT_DONE --client gone, under --grace--> CLIENT_GONE
     KILLED, CLIENT_GONE --connection closed--> WORKER_EXITING
+    REAPED --connection closed--> ENDED
     WORKER_EXITING --worker ended--> ENDED
     CLIENT_GONE --worker ended--> CLOSING
     RUNNING --worker ended--> LINGERING (its output delivered, then a FIN)
@@ -20,11 +23,15 @@ killed and when the connection has ended.  Its states and transitions:
 C{--half-close kill}), a reset, a dead peer, the close watch seeing either
 while the client is paused, the idle timeout, C{--max-lifetime}, the
 server stopping.  The kill is the first thing done then, and the reason
-read after the signal is sent.  A worker sent C{SIGKILL} dies on this CPU
-only once the server blocks, so the connection's drop (epoll updates,
-producers, the transport's C{shutdown} and C{close}) waits for its reap,
-at most L{DROP_DELAY}, the client not read meanwhile; in a burst of closes
-the drops would otherwise also run between the kills.
+read after the signal is sent.  Everything else waits in the server's
+L{Aftermath}: what follows a kill (the worker's pipes no longer watched,
+what left its group killed, the client no longer read, the timers) until
+every kill of the reactor turn has been sent; the connection's drop
+(epoll updates, producers, the transport's C{shutdown} and C{close}, and
+after it the end's log line) until the worker is reaped and no other
+killed worker is still dying, at most L{DROP_DELAY} after the kill.  A
+worker sent C{SIGKILL} needs the CPU to die, and in a burst of a hundred
+closes that work would otherwise run between the kills and the deaths.
 
 Flow control (L{Pacing}), the close watch and the reasons read from the
 client's socket (L{ClientDeparture}), and the idle timeout and heartbeat
@@ -48,6 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_closewatch.aftermath import Aftermath
 from twisted_closewatch.client import IClient, IClientEvents
 from twisted_closewatch.closewatch import ICloseWatch
 from twisted_closewatch.config import Config
@@ -84,6 +92,9 @@ class State(enum.Enum):
     #: The client is gone and its worker was sent C{SIGKILL}: the connection
     #: is not read, and is dropped once the worker is reaped.
     KILLED = "killed"
+    #: The killed worker has ended; its client's connection is not dropped
+    #: yet (the other killed workers of a burst are still dying).
+    REAPED = "reaped"
     #: The client is gone: its worker is killed, its connection closing.
     CLIENT_GONE = "client-gone"
     #: The client's connection is closed; the killed worker is exiting.
@@ -107,8 +118,9 @@ class Relay:
     @ivar state: a L{State}.
     """
 
-    #: In L{State.KILLED}: the drop, at the latest.
-    _dropCall: IDelayedCall
+    #: In L{State.KILLED}, once the kill's follow-up has run: the drop, at
+    #: the latest.
+    _dropCall: IDelayedCall | None = None
 
     def __init__(
         self,
@@ -119,10 +131,12 @@ class Relay:
         closeWatch: ICloseWatch,
         startWorker: WorkerStarter,
         ended: Ended,
+        aftermath: Aftermath,
     ) -> None:
         """
         Start the worker and relay.
 
+        @param aftermath: where the work that follows a kill waits.
         @raise OSError: the worker could not be started.
         """
         self.record = record
@@ -130,6 +144,7 @@ class Relay:
         self._config = config
         self._clock = clock
         self._ended = ended
+        self._aftermath = aftermath
         client.setReadSize(config.clientReadSize)
         self._liveness = ConnectionLiveness(clock, config, client, self.clientGone)
         # Running before the worker starts: one that exits at once may be
@@ -176,7 +191,7 @@ class Relay:
                 self._leave(self._departure.finReason)
 
     def clientDisconnected(self, reason: Failure) -> None:
-        if self.state is State.KILLED:
+        if (self.state is State.KILLED or self.state is State.REAPED) and self._dropCall:
             self._dropCall.cancel()
         self._kill(lambda: self._departure.lossReason(reason))
         self._departure.close()
@@ -184,7 +199,7 @@ class Relay:
         self._pacing.clientDisconnected()
         if self.state is State.KILLED or self.state is State.CLIENT_GONE:
             self.state = State.WORKER_EXITING
-        elif self.state in (State.LINGERING, State.CLOSING):
+        elif self.state in (State.LINGERING, State.CLOSING, State.REAPED):
             self._end()
 
     def clientGone(self, reason: EndReason) -> None:
@@ -207,9 +222,9 @@ class Relay:
         self.clientGone(EndReason.MAX_LIFETIME)
 
     def workerReaped(self) -> None:
+        self._aftermath.reaped(self)
         if self.state is State.KILLED:
-            self._dropCall.cancel()
-            self._drop()
+            self._aftermath.teardown(self._dropKilled)
 
     def workerEnded(self, exitCode: int | None, exitSignal: int | None) -> None:
         self.record.workerEnded(exitCode, exitSignal)
@@ -226,6 +241,8 @@ class Relay:
                 self._client.linger(LINGER_SECONDS)
         elif state is State.CLIENT_GONE:
             self.state = State.CLOSING
+        elif state is State.KILLED:
+            self.state = State.REAPED
         elif state is State.WORKER_EXITING:
             self._end()
 
@@ -240,31 +257,53 @@ class Relay:
         """
         if self.state is not State.RUNNING and self.state is not State.INPUT_DONE:
             return
-        if self._kill(reason) is State.KILLED:
-            self._pacing.pauseClient()
-            self._dropCall = self._clock.callLater(DROP_DELAY, self._drop)
-        elif self.state is State.CLIENT_GONE:
+        if self._kill(reason) is State.CLIENT_GONE:
             self._drop()
 
     def _kill(self, reason: Callable[[], EndReason]) -> State:
         """
         If the worker runs for a client still there: kill it, first of all,
         then record C{reason()} and enter L{State.KILLED} (the worker is
-        dying) or L{State.CLIENT_GONE}.
+        dying, the rest waits for L{_killed}) or L{State.CLIENT_GONE}.
         """
         if self.state is State.RUNNING or self.state is State.INPUT_DONE:
             self.record.seenGone()
-            self.state = State.KILLED if self.worker.kill() else State.CLIENT_GONE
+            if self.worker.kill():
+                self.state = State.KILLED
+                self._aftermath.killed(self)
+                self._aftermath.afterKills(self._killed)
+            else:
+                self.state = State.CLIENT_GONE
+                self._liveness.stop()
             self.record.reason = reason()
-            self._liveness.stop()
         return self.state
+
+    def _killed(self) -> None:
+        """
+        Every kill of the reactor turn has been sent: finish this one, and
+        if the client is still connected stop reading it until its drop.
+        """
+        self.worker.killed()
+        self._liveness.stop()
+        if self.state is State.KILLED:
+            self._pacing.pauseClient()
+            self._dropCall = self._clock.callLater(DROP_DELAY, self._drop)
+
+    def _dropKilled(self) -> None:
+        """
+        The killed worker has been reaped, and the burst's dying too.
+        """
+        if self.state is State.KILLED or self.state is State.REAPED:
+            if self._dropCall is not None:
+                self._dropCall.cancel()
+            self._drop()
 
     def _drop(self) -> None:
         """
         Close the connection of a client found gone: after all that was sent
         to it if it left cleanly, else with a reset.
         """
-        self.state = State.CLIENT_GONE
+        self.state = State.CLOSING if self.state is State.REAPED else State.CLIENT_GONE
         self._departure.unwatch()
         self._pacing.detachWorkerOutput()
         if self.record.reason in CLOSE_GRACEFULLY:

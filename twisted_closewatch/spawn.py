@@ -311,6 +311,20 @@ class WorkerProcess(_compat.Process):
         if isinstance(stderr, _WorkerOutput):
             stderr.drain()
 
+    def killGroup(self) -> None:
+        """
+        C{SIGKILL} the worker's process group, and nothing more (see
+        L{killStragglers}).
+
+        @raise ProcessExitedAlready: it has exited.
+        """
+        self.signalProcess(signal.SIGKILL)
+
+    def killStragglers(self) -> None:
+        """
+        Kill what left the worker's group: nothing can be found here.
+        """
+
     def signalProcess(self, signalID: str | int) -> None:
         """
         Signal the worker's whole process group.

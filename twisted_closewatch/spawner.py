@@ -526,6 +526,26 @@ class SpawnedWorker(WorkerProcess):
         whole cgroup too if it has one.
         """
         number = getattr(signal, f"SIG{signalID}") if isinstance(signalID, str) else signalID
+        self._signalGroup(number)
+        if number == signal.SIGKILL:
+            self.killStragglers()
+
+    def killGroup(self) -> None:
+        """
+        C{SIGKILL} the worker's process group: one system call, after which
+        the worker dies as soon as with a cgroup (L{killStragglers}).
+        """
+        self._signalGroup(signal.SIGKILL)
+
+    def killStragglers(self) -> None:
+        """
+        C{cgroup.kill} the worker's cgroup, if it has one: whatever left its
+        process group (a setsid daemon) dies too.
+        """
+        if self.cgroup is not None:
+            spawnerprocess.cgroupKill(self.cgroup)
+
+    def _signalGroup(self, number: int) -> None:
         if self.pid is None or self._gone or self._exitNotifier is None:
             raise ProcessExitedAlready()
         # Once it has exited, and maybe been reaped, its pid may be reused.
@@ -539,10 +559,6 @@ class SpawnedWorker(WorkerProcess):
                 signal.pidfd_send_signal(self._exitNotifier.fileno(), number)
             except ProcessLookupError:
                 raise ProcessExitedAlready() from None
-        if number == signal.SIGKILL and self.cgroup is not None:
-            # The group first (one system call: the worker dies as soon as
-            # without a cgroup), then whatever left it.
-            spawnerprocess.cgroupKill(self.cgroup)
 
 
 def _readable(fd: int) -> bool:

@@ -105,8 +105,18 @@ class IWorker(Interface):
         Kill the worker's whole process group (after C{--grace}, if any); the
         rest of its output is not needed any more.
 
+        A C{SIGKILL} goes to the group at once, and nothing else is done:
+        the rest waits for L{killed}.
+
         @return: whether it was sent C{SIGKILL} and is dying now, so that its
             reap will be told very soon (L{IWorkerSink.workerReaped}).
+        """
+
+    def killed() -> None:
+        """
+        Every kill of this reactor turn has been sent: do the rest of a
+        C{SIGKILL}'s work (what left the group, the pipes no longer
+        watched).
         """
 
 
@@ -270,25 +280,36 @@ class WorkerHandle:
 
     def kill(self) -> bool:
         """
-        The signal first: with C{SIGKILL} at once or, given a grace period,
-        with C{SIGTERM} first and C{SIGKILL} once the grace is over, unless
-        it is reaped before.
-
-        A worker sent C{SIGKILL} is muted until its reap: its pipes' closing
-        would wake the server ahead of the dying worker (see the "Kill path"
-        section of C{bench/README.md}); its stderr is drained at the reap.
+        The signal first: with C{SIGKILL} to the group at once or, given a
+        grace period, with C{SIGTERM} first and C{SIGKILL} once the grace
+        is over, unless it is reaped before.
         """
         dying = False
         if not self._grace:
-            dying = self._signal("KILL") and not self._isReaped
-            if dying:
-                self._process.mute()
+            try:
+                self._process.killGroup()
+            except ProcessExitedAlready:
+                pass
+            else:
+                dying = not self._isReaped
         elif self._graceCall is None and self._signal("TERM"):
             self._graceCall = self._clock.callLater(self._grace, self._signal, "KILL")
         self._abandoned = True
         if self._isReaped:
             self._process.loseConnection()
         return dying
+
+    def killed(self) -> None:
+        """
+        A worker sent C{SIGKILL} and not reaped yet: kill what left its
+        group (its cgroup), and mute it until its reap: its pipes' closing
+        would wake the server ahead of the dying worker (see the "Kill path"
+        section of C{bench/README.md}); its stderr is drained at the reap.
+        """
+        if self._isReaped or self._grace:
+            return
+        self._process.killStragglers()
+        self._process.mute()
 
     def _signal(self, name: str) -> bool:
         """

@@ -15,6 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twisted_closewatch.aftermath import Aftermath
 from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
 from twisted_closewatch.closewatch import ICloseWatch
 from twisted_closewatch.config import Config
@@ -84,6 +85,9 @@ class FakeWorker:
         self.kills += 1
         self.actions.append("kill")
         return self.dying
+
+    def killed(self) -> None:
+        self.actions.append("killed")
 
 
 @implementer(ICloseWatch)
@@ -193,6 +197,7 @@ class Harness:
         self.clock = MemoryReactorClock()
         self.config = Config(argv=("/bin/cat",), **config)
         self.watch = FakeCloseWatch(self.actions, watchError)
+        self.aftermath = Aftermath(self.clock, self.watch.poll)
         self.probe = self.makeProbe()
         self.record = ConnectionRecord(7, "192.168.1.1:54321")
         self.ended: list[ConnectionRecord] = []
@@ -219,6 +224,7 @@ class Harness:
             self.watch,
             self._startWorker,
             self.ended.append,
+            self.aftermath,
         )
 
     def _connect(self, client: IClient) -> IClientEvents:
@@ -246,19 +252,32 @@ class Harness:
     def worker(self) -> FakeWorker:
         return self.workers[0]
 
+    def turn(self) -> None:
+        """
+        The reactor's next turn: what waited for every kill of this one to
+        be sent, and the teardowns of reaped workers, run.
+        """
+        self.clock.advance(0)
+
     def workerExits(self, code: int = 0) -> None:
+        self.turn()
         self.relay.workerReaped()
         self.relay.workerEnded(code, None)
+        self.turn()
 
     def workerKilled(self) -> None:
+        self.turn()
         self.relay.workerReaped()
         self.relay.workerEnded(None, 9)
+        self.turn()
 
     def reap(self) -> None:
         """
         The killed worker is reaped (its output has not ended yet).
         """
+        self.turn()
         self.relay.workerReaped()
+        self.turn()
 
     def connectionLost(self, reason: Failure) -> None:
         self.client.connectionLost(reason)
@@ -321,6 +340,12 @@ class FakeProcess:
         if self.exited:
             raise ProcessExitedAlready()
         self.signals.append(name)
+
+    def killGroup(self) -> None:
+        self.signalProcess("KILL")
+
+    def killStragglers(self) -> None:
+        self.signals.append("stragglers")
 
     def loseConnection(self) -> None:
         self.lost = True

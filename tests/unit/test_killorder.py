@@ -100,6 +100,7 @@ class RelayDropAfterReapTests(SynchronousTestCase):
     def test_dropOnReap(self) -> None:
         h = Harness()
         h.watch.sawClose(h.probe.fd)
+        h.turn()
         self.assertEqual(h.transport.producerState, "paused")
         self.assertFalse(h.transport.disconnecting)
         self.assertIn(h.probe.fd, h.watch.watched)
@@ -115,6 +116,7 @@ class RelayDropAfterReapTests(SynchronousTestCase):
         """
         h = Harness()
         h.client.readConnectionLost()
+        h.turn()
         h.clock.advance(DROP_DELAY)
         self.assertTrue(h.transport.disconnecting)
 
@@ -136,6 +138,7 @@ class RelayDropAfterReapTests(SynchronousTestCase):
         h = Harness()
         h.relay.clientGone(EndReason.CLIENT_RESET)
         h.connectionLost(Failure(ConnectionLost()))
+        h.turn()
         self.assertEqual(h.clock.getDelayedCalls(), [])
         h.workerKilled()
         self.assertEqual(h.ended, [h.record])

@@ -243,6 +243,7 @@ class ClientGoneTests(SynchronousTestCase):
         """
         h = Harness()
         h.watch.sawClose(h.probe.fd)
+        h.turn()
         h.clock.advance(0.05)
         h.watch.sawReset(h.probe.fd)
         h.relay.clientGone(EndReason.SERVER_STOPPING)

@@ -82,11 +82,38 @@ class KillTests(HandleTestCase):
         """
         handle = self.handle()
         handle.kill()
+        handle.killed()
         self.assertTrue(self.process.muted)
         self.assertFalse(self.process.stderrDrained)
         self.process.protocol.processExited(None)
         self.assertTrue(self.process.stderrDrained)
         self.assertTrue(self.process.lost)
+
+    def test_killFirstTheRestLater(self) -> None:
+        """
+        The kill is one signal to the group; what left the group (its
+        cgroup) is killed, and the pipes muted, by L{WorkerHandle.killed},
+        once every kill of the reactor turn has gone out.
+        """
+        handle = self.handle()
+        handle.kill()
+        self.assertEqual(self.process.signals, ["KILL"])
+        self.assertFalse(self.process.muted)
+        handle.killed()
+        self.assertEqual(self.process.signals, ["KILL", "stragglers"])
+        self.assertTrue(self.process.muted)
+
+    def test_killedAfterReapDoesNothing(self) -> None:
+        """
+        A worker reaped before its kill's follow-up: its group is gone, and
+        its pipes, being dropped, must not be muted.
+        """
+        handle = self.handle()
+        handle.kill()
+        self.process.protocol.processExited(None)
+        handle.killed()
+        self.assertEqual(self.process.signals, ["KILL"])
+        self.assertFalse(self.process.muted)
 
     def test_graceTermThenKill(self) -> None:
         """
