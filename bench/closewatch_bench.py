@@ -1236,11 +1236,13 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
     row += ["–"] * len(peers)
     lines.append("| " + " | ".join(row) + " |")
     for n, runs in res.get("floor", {}).items():
-        row = [f"kernel floor: {n} groups killpg'd in a tight loop, no server (kill_floor.py)"]
-        row += [f"{fmt(median([r[0] for r in runs]))}/{fmt(median([r[1] for r in runs]))}"
-                if srv == "closewatch" else "–" for srv in servers]
-        row += ["–"] * len(peers)
-        lines.append("| " + " | ".join(row) + " |")
+        for title, i in (("each exit from its own kill", 0), ("each exit from the first kill", 3)):
+            row = [f"kernel floor: {n} groups killpg'd in a tight loop, no server "
+                   f"(kill_floor.py), {title}"]
+            row += [f"{fmt(median([r[i] for r in runs]))}/{fmt(median([r[i + 1] for r in runs]))}"
+                    if srv == "closewatch" else "–" for srv in servers]
+            row += ["–"] * len(peers)
+            lines.append("| " + " | ".join(row) + " |")
 
     def simpleRow(title, getter, nd=2, higher=True):
         row = [title]
@@ -1352,6 +1354,12 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
         target(f"kill FIN {n} at once: p99 <= 1.5x the kernel floor at {n} (same run)",
                r99 is not None and r99 <= 1.5 and cw["survived"] == 0,
                f"p99 {fmt(cw['p99_ms'], 3)} vs {fmt(floor99, 3)} ms ({fmt(r99, 2)}x)")
+        burst99 = median([r[4] for r in runs])
+        b99 = ratio(cw["p99_ms"], burst99)
+        target(f"kill FIN {n} at once: p99 <= 1.5x the kernel floor at {n} timed from its "
+               "first kill (same run)",
+               b99 is not None and b99 <= 1.5 and cw["survived"] == 0,
+               f"p99 {fmt(cw['p99_ms'], 3)} vs {fmt(burst99, 3)} ms ({fmt(b99, 2)}x)")
         ideal = kill.get("ideal", {}).get(f"fin@{n}", {}).get("summary")
         if ideal and ideal["killed"]:
             i99 = ratio(cw["p99_ms"], ideal["p99_ms"])
@@ -1359,7 +1367,8 @@ def buildReport(res: dict) -> tuple[str, list[dict]]:
                    "epoll + killpg, nothing else; same run)",
                    i99 is not None and i99 <= 1.5 and cw["survived"] == 0,
                    f"p99 {fmt(cw['p99_ms'], 3)} vs {fmt(ideal['p99_ms'], 3)} ms ({fmt(i99, 2)}x); "
-                   f"ideal / floor {fmt(ratio(ideal['p99_ms'], floor99), 2)}x")
+                   f"ideal / floor {fmt(ratio(ideal['p99_ms'], floor99), 2)}x, / floor from "
+                   f"the first kill {fmt(ratio(ideal['p99_ms'], burst99), 2)}x")
     lines.append("## Targets (closewatch)\n")
     lines.append("| target | result | measured |")
     lines.append("|---|---|---|")
@@ -1545,7 +1554,8 @@ def main() -> int:
                             floor = kill_floor.oneRun(n)
                             res["floor"].setdefault(str(n), []).append(floor)
                             log(f"kill floor n={n:<4d} rep {rep}: p50 {floor[0]:.3f} "
-                                f"p99 {floor[1]:.3f} ms")
+                                f"p99 {floor[1]:.3f} ms; from the first kill p50 "
+                                f"{floor[3]:.3f} p99 {floor[4]:.3f} ms")
                         # Servers that kill: trial by trial (--alternate) or
                         # cell by cell.  The naive relay is the yardstick: as
                         # many trials as closewatch.

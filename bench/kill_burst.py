@@ -6,6 +6,7 @@ the client sees it, and who had the two CPUs meanwhile.
 
     python bench/kill_burst.py [-n 100] [--scenario fin|rst|half] [--bursts 3]
         [--servers closewatch,naive,ideal] [--variant 'NAME=--cgroup off' ...]
+        [--old NAME=DIR ...]
 
 Root (perf).  Starts each server (closewatch, every C{--variant}: closewatch
 with more options, the naive relay, C{ideal_server.py}), then, the servers
@@ -228,6 +229,8 @@ def main() -> int:
     ap.add_argument("--servers", default="closewatch,naive,ideal")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=OPTIONS: closewatch with these options too")
+    ap.add_argument("--old", action="append", default=[],
+                    help="NAME=DIR: the closewatch of another tree too (e.g. a worktree of main)")
     args = ap.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="closewatch-burst-"))
     b.raiseFdLimit(65536)
@@ -238,6 +241,12 @@ def main() -> int:
         base = list(b.EXTRA_CLOSEWATCH_OPTIONS)
         for name in args.servers.split(","):
             servers.append((name, b.startServer(name, [str(b.PIDWORKER)], logdir, sys.executable)))
+        for old in args.old:
+            name, _, root = old.partition("=")
+            b.ROOT = Path(root).resolve()
+            servers.append((name, b.startServer("closewatch", [str(b.PIDWORKER)], logdir,
+                                                sys.executable)))
+        b.ROOT = b.HERE.parent
         for variant in args.variant:
             name, _, options = variant.partition("=")
             b.EXTRA_CLOSEWATCH_OPTIONS[:] = base + options.split()
@@ -270,7 +279,7 @@ def main() -> int:
         perf.wait(60)
         events = parse(data)
         (logdir / "closes.json").write_text(json.dumps(
-            {"results": results, "servers": {label: [srv.pid, srv.port] for label, srv in servers},
+            {"results": results, "floors": floors, "servers": {label: [srv.pid, srv.port] for label, srv in servers},
              "helpers": {label: {str(k): v for k, v in h.items()} for label, h in helperPids.items()}}))
         print(f"{args.scenario}, {args.n} closes at once, {args.bursts} bursts per server, "
               f"alternating; load average {os.getloadavg()[0]:.2f}; medians over the bursts, ms")

@@ -9,6 +9,14 @@ On a small machine the dying processes compete for the CPU with the loop
 that kills them, so the last of a thousand exits well after the first: no
 server can kill a thousand workers faster than this.
 
+Timed so, it is not what a server facing N clients that leave at once can
+reach: the loop is slowed by the very exits it causes (a killed process
+preempts its killer on the CPU it is woken on), so each exit comes soon
+after its own kill and the later kills wait instead, unclocked.  A client
+that closes N connections within a millisecond starts every clock at
+once.  So the exits are also timed from the first kill, as if all N had
+been asked for at that moment: that is the floor for a burst of closes.
+
     python bench/kill_floor.py [-n 1000] [--runs 5]
 """
 
@@ -27,12 +35,18 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def oneRun(n: int) -> tuple[float, float, float]:
+def oneRun(n: int) -> tuple[float, float, float, float, float]:
     """
-    Kill C{n} sleeping groups; return (p50, p99, last) exit latency in ms.
+    Kill C{n} sleeping groups; return the (p50, p99, last) exit latency in
+    ms, each exit timed from its own kill, then the (p50, p99) timed from
+    the first kill: as if all C{n} had been asked for at once.
     """
-    latencies = [(exited - killed) * 1000 for _, killed, exited in timeline(n)]
-    return percentile(latencies, 50), percentile(latencies, 99), max(latencies)
+    kills = timeline(n)
+    start = min(killed for _, killed, _ in kills)
+    latencies = [(exited - killed) * 1000 for _, killed, exited in kills]
+    fromStart = [(exited - start) * 1000 for _, _, exited in kills]
+    return (percentile(latencies, 50), percentile(latencies, 99), max(latencies),
+            percentile(fromStart, 50), percentile(fromStart, 99))
 
 
 def timeline(n: int) -> list[tuple[int, float, float]]:
@@ -81,12 +95,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     runs = [oneRun(args.n) for _ in range(args.runs)]
-    p50 = statistics.median(r[0] for r in runs)
-    p99 = statistics.median(r[1] for r in runs)
-    last = statistics.median(r[2] for r in runs)
+    p50, p99, last, burst50, burst99 = (statistics.median(r[i] for r in runs) for i in range(5))
     print(
         f"kernel floor, {args.n} groups killed in a tight loop, median of {args.runs} runs: "
-        f"exit latency p50 {p50:.2f} ms, p99 {p99:.2f} ms, last {last:.2f} ms "
+        f"exit latency p50 {p50:.2f} ms, p99 {p99:.2f} ms, last {last:.2f} ms; "
+        f"from the first kill p50 {burst50:.2f} ms, p99 {burst99:.2f} ms "
         f"(load average {os.getloadavg()[0]:.1f})"
     )
 

@@ -272,6 +272,7 @@ class Relay:
                 self.state = State.KILLED
                 self._aftermath.killed(self)
                 self._aftermath.afterKills(self._killed)
+                self._aftermath.teardown(self.worker.killStragglers)
             else:
                 self.state = State.CLIENT_GONE
                 self._liveness.stop()

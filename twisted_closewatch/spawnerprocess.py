@@ -34,6 +34,7 @@ import collections
 import errno
 import gc
 import json
+import math
 import os
 import resource
 import select
@@ -55,6 +56,14 @@ SETUP_FAILED = 127
 #: Seconds a worker's cgroup may take to empty after its kill before the
 #: spawner gives up removing it (and says so on its stderr).
 CGROUP_REMOVE_TIMEOUT = 10.0
+
+#: Exited workers are reaped (their group and cgroup killed, their exit
+#: reported) once none has exited for REAP_QUIET seconds, and REAP_DELAY
+#: after the first at the latest: when a hundred clients leave at once, the
+#: dying workers get the CPUs first, and their reaps (a dozen system calls
+#: each) and reports (each one waking the server) come after them, in one go.
+REAP_QUIET = 0.002
+REAP_DELAY = 0.05
 
 #: Every signal a worker starts with at its default disposition: an ignored
 #: disposition survives exec, and the spawner ignores some.
@@ -215,6 +224,10 @@ class Spawner:
         # for an answer from it, and not reading them, at that moment.
         self._events.setblocking(False)
         self._reports: collections.deque[bytes] = collections.deque()
+        #: When the children that have exited are reaped, and by when at
+        #: the latest (see REAP_QUIET).
+        self._reapAt: float | None = None
+        self._reapBy = 0.0
         self._wakeRead, self._wakeWrite = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._spawnerCwd = os.getcwd()
 
@@ -250,6 +263,9 @@ class Spawner:
         self._reap()
         while True:
             timeout = 20 if self._removing else None
+            if self._reapAt is not None:
+                wait = max(0, math.ceil((self._reapAt - time.monotonic()) * 1000))
+                timeout = wait if timeout is None else min(timeout, wait)
             poller.modify(self._events.fileno(), select.POLLOUT if self._reports else 0)
             try:
                 ready = poller.poll(timeout)
@@ -258,13 +274,24 @@ class Spawner:
             for fd, _ in ready:
                 if fd == self._wakeRead:
                     _drain(self._wakeRead)
-                    self._reap()
+                    self._childExited()
                 elif fd == self._events.fileno():
                     self._flushReports()
                 elif not self._serveOne():
                     self._shutdown()
                     return
+            if self._reapAt is not None and time.monotonic() >= self._reapAt:
+                self._reap()
             self._removeCgroups()
+
+    def _childExited(self) -> None:
+        """
+        A C{SIGCHLD}: reap once the exits have paused (see L{REAP_QUIET}).
+        """
+        now = time.monotonic()
+        if self._reapAt is None:
+            self._reapBy = now + REAP_DELAY
+        self._reapAt = min(now + REAP_QUIET, self._reapBy)
 
     def _adoptCgroups(self) -> None:
         """
@@ -480,6 +507,7 @@ class Spawner:
         Report every worker that has exited, its group and cgroup killed
         first.
         """
+        self._reapAt = None
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)

@@ -114,9 +114,14 @@ class IWorker(Interface):
 
     def killed() -> None:
         """
-        Every kill of this reactor turn has been sent: do the rest of a
-        C{SIGKILL}'s work (what left the group, the pipes no longer
-        watched).
+        Every kill of this reactor turn has been sent: stop watching the
+        pipes of a worker sent C{SIGKILL}.
+        """
+
+    def killStragglers() -> None:
+        """
+        Kill what left the killed worker's group (its cgroup, if any); the
+        spawner does it too before it reaps the worker.
         """
 
 
@@ -301,15 +306,17 @@ class WorkerHandle:
 
     def killed(self) -> None:
         """
-        A worker sent C{SIGKILL} and not reaped yet: kill what left its
-        group (its cgroup), and mute it until its reap: its pipes' closing
-        would wake the server ahead of the dying worker (see the "Kill path"
-        section of C{bench/README.md}); its stderr is drained at the reap.
+        A worker sent C{SIGKILL} and not reaped yet is muted until its reap:
+        its pipes' closing would wake the server ahead of the dying worker
+        (see the "Kill path" section of C{bench/README.md}); its stderr is
+        drained at the reap.
         """
-        if self._isReaped or self._grace:
-            return
-        self._process.killStragglers()
-        self._process.mute()
+        if not (self._isReaped or self._grace):
+            self._process.mute()
+
+    def killStragglers(self) -> None:
+        if not self._grace:
+            self._process.killStragglers()
 
     def _signal(self, name: str) -> bool:
         """

@@ -89,6 +89,9 @@ class FakeWorker:
     def killed(self) -> None:
         self.actions.append("killed")
 
+    def killStragglers(self) -> None:
+        self.actions.append("stragglers")
+
 
 @implementer(ICloseWatch)
 class FakeCloseWatch:

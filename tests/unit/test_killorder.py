@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.unit.fakes import Harness
+from twisted_closewatch.aftermath import TEARDOWN_DELAY
 from twisted_closewatch.record import EndReason
 from twisted_closewatch.relay import DROP_DELAY, State
 from twisted_closewatch.spawn import _WorkerOutput
@@ -139,10 +140,14 @@ class RelayDropAfterReapTests(SynchronousTestCase):
         h.relay.clientGone(EndReason.CLIENT_RESET)
         h.connectionLost(Failure(ConnectionLost()))
         h.turn()
-        self.assertEqual(h.clock.getDelayedCalls(), [])
+        # No drop: only the bound of the stragglers' kill, which waits for
+        # the reap.
+        self.assertEqual([c.getTime() for c in h.clock.getDelayedCalls()], [TEARDOWN_DELAY])
         h.workerKilled()
         self.assertEqual(h.ended, [h.record])
         self.assertFalse(h.transport.disconnecting)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        self.assertEqual(h.actions[-1], "stragglers")
 
     def test_noLingerForAGoneClient(self) -> None:
         h = Harness()

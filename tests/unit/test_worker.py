@@ -91,17 +91,30 @@ class KillTests(HandleTestCase):
 
     def test_killFirstTheRestLater(self) -> None:
         """
-        The kill is one signal to the group; what left the group (its
-        cgroup) is killed, and the pipes muted, by L{WorkerHandle.killed},
-        once every kill of the reactor turn has gone out.
+        The kill is one signal to the group; the pipes are muted by
+        L{WorkerHandle.killed}, once every kill of the reactor turn has gone
+        out, and what left the group (its cgroup) is killed by
+        L{WorkerHandle.killStragglers}.
         """
         handle = self.handle()
         handle.kill()
         self.assertEqual(self.process.signals, ["KILL"])
         self.assertFalse(self.process.muted)
         handle.killed()
-        self.assertEqual(self.process.signals, ["KILL", "stragglers"])
         self.assertTrue(self.process.muted)
+        self.assertEqual(self.process.signals, ["KILL"])
+        handle.killStragglers()
+        self.assertEqual(self.process.signals, ["KILL", "stragglers"])
+
+    def test_noStragglersKilledInAGrace(self) -> None:
+        """
+        Under C{--grace} the cgroup is killed with the C{SIGKILL} at the
+        grace's end, not before.
+        """
+        handle = self.handle(grace=2)
+        handle.kill()
+        handle.killStragglers()
+        self.assertEqual(self.process.signals, ["TERM"])
 
     def test_killedAfterReapDoesNothing(self) -> None:
         """
