@@ -22,16 +22,17 @@ killed and when the connection has ended.  Its states and transitions:
 "Client gone" is whatever way the client leaves or must go: a FIN (under
 C{--half-close kill}), a reset, a dead peer, the close watch seeing either
 while the client is paused, the idle timeout, C{--max-lifetime}, the
-server stopping.  The kill is the first thing done then, and the reason
-read after the signal is sent.  Everything else waits in the server's
-L{Aftermath}: what follows a kill (the worker's pipes no longer watched,
-what left its group killed, the client no longer read, the timers) until
-every kill of the reactor turn has been sent; the connection's drop
-(epoll updates, producers, the transport's C{shutdown} and C{close}, and
-after it the end's log line) until the worker is reaped and no other
-killed worker is still dying, at most L{DROP_DELAY} after the kill.  A
-worker sent C{SIGKILL} needs the CPU to die, and in a burst of a hundred
-closes that work would otherwise run between the kills and the deaths.
+server stopping.  The kill is the first thing done then; the reason is
+read after the signal is sent, and the client is no longer read.
+Everything else waits in the server's L{Aftermath}: what follows a kill
+(the worker's pipes no longer watched, the timers) until every kill of the
+reactor turn has been sent; the kill of what left the worker's group (its
+cgroup) and the connection's drop (epoll updates, producers, the
+transport's C{shutdown} and C{close}, and after it the end's log line)
+until the worker is reaped and no other killed worker is still dying, at
+most L{DROP_DELAY} after the kill.  A worker sent C{SIGKILL} needs the CPU
+to die, and in a burst of a hundred closes that work would otherwise run
+between the kills and the deaths.
 
 Flow control (L{Pacing}), the close watch and the reasons read from the
 client's socket (L{ClientDeparture}), and the idle timeout and heartbeat
@@ -270,6 +271,9 @@ class Relay:
             self.record.seenGone()
             if self.worker.kill():
                 self.state = State.KILLED
+                # One epoll_ctl, or the reactor reads again, later in this
+                # very turn, the FIN the close watch has acted on.
+                self._pacing.pauseClient()
                 self._aftermath.killed(self)
                 self._aftermath.afterKills(self._killed)
                 self._aftermath.teardown(self.worker.killStragglers)
@@ -282,12 +286,11 @@ class Relay:
     def _killed(self) -> None:
         """
         Every kill of the reactor turn has been sent: finish this one, and
-        if the client is still connected stop reading it until its drop.
+        if the client is still connected, bound the wait for its drop.
         """
         self.worker.killed()
         self._liveness.stop()
         if self.state is State.KILLED:
-            self._pacing.pauseClient()
             self._dropCall = self._clock.callLater(DROP_DELAY, self._drop)
 
     def _dropKilled(self) -> None:

@@ -57,12 +57,14 @@ SETUP_FAILED = 127
 #: spawner gives up removing it (and says so on its stderr).
 CGROUP_REMOVE_TIMEOUT = 10.0
 
-#: Exited workers are reaped (their group and cgroup killed, their exit
-#: reported) once none has exited for REAP_QUIET seconds, and REAP_DELAY
-#: after the first at the latest: when a hundred clients leave at once, the
-#: dying workers get the CPUs first, and their reaps (a dozen system calls
-#: each) and reports (each one waking the server) come after them, in one go.
-REAP_QUIET = 0.002
+#: A worker that exits alone is reaped (its group and cgroup killed, its
+#: exit reported) at once.  One that exits within REAP_QUIET seconds of the
+#: last reap is part of a burst (a hundred clients leaving at once): it is
+#: reaped once none has exited for REAP_QUIET seconds, REAP_DELAY after the
+#: first at the latest, so that the dying workers get the CPUs first, and
+#: their reaps (a dozen system calls each, and a cgroup's removal) and
+#: reports (each one waking the server) come after them, in one go.
+REAP_QUIET = 0.005
 REAP_DELAY = 0.05
 
 #: Every signal a worker starts with at its default disposition: an ignored
@@ -225,9 +227,10 @@ class Spawner:
         self._events.setblocking(False)
         self._reports: collections.deque[bytes] = collections.deque()
         #: When the children that have exited are reaped, and by when at
-        #: the latest (see REAP_QUIET).
+        #: the latest (see REAP_QUIET); when they last were.
         self._reapAt: float | None = None
         self._reapBy = 0.0
+        self._reapedAt = 0.0
         self._wakeRead, self._wakeWrite = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._spawnerCwd = os.getcwd()
 
@@ -286,10 +289,14 @@ class Spawner:
 
     def _childExited(self) -> None:
         """
-        A C{SIGCHLD}: reap once the exits have paused (see L{REAP_QUIET}).
+        A C{SIGCHLD}: reap now, or in a burst once the exits have paused
+        (see L{REAP_QUIET}).
         """
         now = time.monotonic()
         if self._reapAt is None:
+            if now - self._reapedAt >= REAP_QUIET:
+                self._reap()
+                return
             self._reapBy = now + REAP_DELAY
         self._reapAt = min(now + REAP_QUIET, self._reapBy)
 
@@ -508,6 +515,7 @@ class Spawner:
         first.
         """
         self._reapAt = None
+        self._reapedAt = time.monotonic()
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
