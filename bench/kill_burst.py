@@ -239,8 +239,8 @@ def main() -> int:
     perf = None
     try:
         base = list(b.EXTRA_CLOSEWATCH_OPTIONS)
-        for name in args.servers.split(","):
-            servers.append((name, b.startServer(name, [str(b.PIDWORKER)], logdir, sys.executable)))
+        servers += [(name, b.startServer(name, [str(b.PIDWORKER)], logdir, sys.executable))
+                    for name in args.servers.split(",")]
         for old in args.old:
             name, _, root = old.partition("=")
             b.ROOT = Path(root).resolve()
@@ -278,9 +278,13 @@ def main() -> int:
         perf.send_signal(2)
         perf.wait(60)
         events = parse(data)
-        (logdir / "closes.json").write_text(json.dumps(
-            {"results": results, "floors": floors, "servers": {label: [srv.pid, srv.port] for label, srv in servers},
-             "helpers": {label: {str(k): v for k, v in h.items()} for label, h in helperPids.items()}}))
+        # Everything needed to look at a burst again (bench/README.md).
+        (logdir / "closes.json").write_text(json.dumps({
+            "results": results, "floors": floors,
+            "servers": {label: [srv.pid, srv.port] for label, srv in servers},
+            "helpers": {label: {str(k): v for k, v in h.items()} for label, h in helperPids.items()},
+        }))
+        print(f"raw data (perf.data, closes.json): {logdir}")
         print(f"{args.scenario}, {args.n} closes at once, {args.bursts} bursts per server, "
               f"alternating; load average {os.getloadavg()[0]:.2f}; medians over the bursts, ms")
         report("kernel floor (kill_floor.py: the client is the killer)",

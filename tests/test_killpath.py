@@ -100,6 +100,22 @@ class EpollCloseWatchOrderTests(TestCase):
         self.watch.poll()
         self.assertEqual(self.calls, ["closed", "modify"])
 
+    def test_burstKillsBeforeAnyModify(self) -> None:
+        """
+        Several FINs at once: every callback (every kill) runs before the
+        first C{epoll_ctl}, and none is reported twice.
+        """
+        pairs = [self.pair() for _ in range(5)]
+        for i, (ours, theirs) in enumerate(pairs):
+            self.watch.watch(ours.fileno(), lambda i=i: self.calls.append(f"closed {i}"),
+                             lambda: None)
+            theirs.shutdown(socket.SHUT_WR)
+        self.watch.poll()
+        self.assertEqual(sorted(self.calls[:5]), [f"closed {i}" for i in range(5)])
+        self.assertEqual(self.calls[5:], ["modify"] * 5)
+        self.watch.poll()
+        self.assertEqual(len(self.calls), 10)
+
     def test_finCallbackUnwatches(self) -> None:
         """
         A callback that unwatches its descriptor itself leaves nothing more

@@ -103,7 +103,10 @@ class Aftermath:
         self._teardownCall = self._clock.callLater(delay, self._runTeardowns)
 
     def _runAfterKills(self) -> None:
-        self._afterKillsCall = None
+        if self._afterKillsCall is not None:
+            if self._afterKillsCall.active():
+                self._afterKillsCall.cancel()
+            self._afterKillsCall = None
         work, self._afterKills = self._afterKills, []
         for call in work:
             _run(call)

@@ -202,6 +202,50 @@ def _standardStreams() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
+class ReapSchedule:
+    """
+    When the children that have exited are reaped: at once, or in a burst
+    once the exits pause (see L{REAP_QUIET}).
+    """
+
+    def __init__(self) -> None:
+        self._at: float | None = None
+        self._by = 0.0
+        self._last = -REAP_QUIET
+
+    def exited(self, now: float) -> bool:
+        """
+        A child has exited (a C{SIGCHLD}).
+
+        @return: whether to reap now.
+        """
+        if self._at is None:
+            if now - self._last >= REAP_QUIET:
+                return True
+            self._by = now + REAP_DELAY
+        self._at = min(now + REAP_QUIET, self._by)
+        return False
+
+    def due(self, now: float) -> bool:
+        """
+        Whether a reap put off is due.
+        """
+        return self._at is not None and now >= self._at
+
+    def timeout(self, now: float, timeout: int | None) -> int | None:
+        """
+        C{timeout} (ms, or C{None}: none) for a wait, cut to the reap's.
+        """
+        if self._at is None:
+            return timeout
+        wait = max(0, math.ceil((self._at - now) * 1000))
+        return wait if timeout is None else min(timeout, wait)
+
+    def reaped(self, now: float) -> None:
+        self._at = None
+        self._last = now
+
+
 class Spawner:
     """
     The spawner's state: the workers it started, and the cgroups being
@@ -226,11 +270,7 @@ class Spawner:
         # for an answer from it, and not reading them, at that moment.
         self._events.setblocking(False)
         self._reports: collections.deque[bytes] = collections.deque()
-        #: When the children that have exited are reaped, and by when at
-        #: the latest (see REAP_QUIET); when they last were.
-        self._reapAt: float | None = None
-        self._reapBy = 0.0
-        self._reapedAt = 0.0
+        self._reaps = ReapSchedule()
         self._wakeRead, self._wakeWrite = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._spawnerCwd = os.getcwd()
 
@@ -265,10 +305,7 @@ class Spawner:
         poller.register(self._events.fileno(), 0)
         self._reap()
         while True:
-            timeout = 20 if self._removing else None
-            if self._reapAt is not None:
-                wait = max(0, math.ceil((self._reapAt - time.monotonic()) * 1000))
-                timeout = wait if timeout is None else min(timeout, wait)
+            timeout = self._reaps.timeout(time.monotonic(), 20 if self._removing else None)
             poller.modify(self._events.fileno(), select.POLLOUT if self._reports else 0)
             try:
                 ready = poller.poll(timeout)
@@ -277,28 +314,16 @@ class Spawner:
             for fd, _ in ready:
                 if fd == self._wakeRead:
                     _drain(self._wakeRead)
-                    self._childExited()
+                    if self._reaps.exited(time.monotonic()):
+                        self._reap()
                 elif fd == self._events.fileno():
                     self._flushReports()
                 elif not self._serveOne():
                     self._shutdown()
                     return
-            if self._reapAt is not None and time.monotonic() >= self._reapAt:
+            if self._reaps.due(time.monotonic()):
                 self._reap()
             self._removeCgroups()
-
-    def _childExited(self) -> None:
-        """
-        A C{SIGCHLD}: reap now, or in a burst once the exits have paused
-        (see L{REAP_QUIET}).
-        """
-        now = time.monotonic()
-        if self._reapAt is None:
-            if now - self._reapedAt >= REAP_QUIET:
-                self._reap()
-                return
-            self._reapBy = now + REAP_DELAY
-        self._reapAt = min(now + REAP_QUIET, self._reapBy)
 
     def _adoptCgroups(self) -> None:
         """
@@ -514,8 +539,7 @@ class Spawner:
         Report every worker that has exited, its group and cgroup killed
         first.
         """
-        self._reapAt = None
-        self._reapedAt = time.monotonic()
+        self._reaps.reaped(time.monotonic())
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)

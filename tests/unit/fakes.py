@@ -192,15 +192,21 @@ class Harness:
         reapedWhileSpawning: bool = False,
         watchError: OSError | None = None,
         transport: HalfCloseableTransport | None = None,
+        clock: MemoryReactorClock | None = None,
+        aftermath: Aftermath | None = None,
         **config: Any,
     ) -> None:
+        """
+        @param clock: and C{aftermath}: another harness's, to play the
+            relays of one server.
+        """
         self._dying = dying
         self._reapedWhileSpawning = reapedWhileSpawning
         self.actions: list[str] = []
-        self.clock = MemoryReactorClock()
+        self.clock = MemoryReactorClock() if clock is None else clock
         self.config = Config(argv=("/bin/cat",), **config)
         self.watch = FakeCloseWatch(self.actions, watchError)
-        self.aftermath = Aftermath(self.clock, self.watch.poll)
+        self.aftermath = Aftermath(self.clock, self.watch.poll) if aftermath is None else aftermath
         self.probe = self.makeProbe()
         self.record = ConnectionRecord(7, "192.168.1.1:54321")
         self.ended: list[ConnectionRecord] = []

@@ -5,6 +5,7 @@ choose them, without a process.
 
 from __future__ import annotations
 
+import math
 import resource
 
 from twisted.python import usage
@@ -194,3 +195,47 @@ class OptionTests(SynchronousTestCase):
         config = self.parse()["config"]
         expected = "twisted_closewatch.sqlworker:main" if spawner.available() else None
         self.assertEqual(config.pythonWorker, expected)
+
+
+class ReapScheduleTests(SynchronousTestCase):
+    """
+    The spawner reaps a lone exit at once, a burst's once it pauses, and
+    never later than L{spawnerprocess.REAP_DELAY} after the first.
+    """
+
+    def test_loneExitAtOnce(self) -> None:
+        reaps = spawnerprocess.ReapSchedule()
+        self.assertTrue(reaps.exited(100.0))
+        reaps.reaped(100.0)
+        self.assertTrue(reaps.exited(100.0 + 2 * spawnerprocess.REAP_QUIET))
+        self.assertEqual(reaps.timeout(100.0, None), None)
+
+    def test_burstOnceItPauses(self) -> None:
+        quiet = spawnerprocess.REAP_QUIET
+        reaps = spawnerprocess.ReapSchedule()
+        self.assertTrue(reaps.exited(100.0))
+        reaps.reaped(100.0)
+        self.assertFalse(reaps.exited(100.0 + quiet / 4))
+        self.assertFalse(reaps.exited(100.0 + quiet / 2))
+        self.assertFalse(reaps.due(100.0 + quiet))
+        self.assertEqual(reaps.timeout(100.0 + quiet / 2, None), math.ceil(quiet * 1000))
+        self.assertEqual(reaps.timeout(100.0 + quiet / 2, 1), 1)
+        self.assertTrue(reaps.due(100.0 + quiet * 1.5))
+        reaps.reaped(100.0 + quiet * 1.5)
+        self.assertFalse(reaps.due(200.0))
+
+    def test_burstBounded(self) -> None:
+        """
+        Exits that never pause are still reaped every REAP_DELAY.
+        """
+        quiet, delay = spawnerprocess.REAP_QUIET, spawnerprocess.REAP_DELAY
+        reaps = spawnerprocess.ReapSchedule()
+        reaps.exited(100.0)
+        reaps.reaped(100.0)
+        now = 100.0
+        while not reaps.due(now):
+            now += quiet / 2
+            reaps.exited(now)
+        # The first exit put off came at 100 + quiet / 2; each step is quiet / 2.
+        self.assertLessEqual(now, 100.0 + quiet + delay)
+        self.assertGreater(now, 100.0 + delay - quiet)
