@@ -282,7 +282,8 @@ def main() -> int:
         (logdir / "closes.json").write_text(json.dumps({
             "results": results, "floors": floors,
             "servers": {label: [srv.pid, srv.port] for label, srv in servers},
-            "helpers": {label: {str(k): v for k, v in h.items()} for label, h in helperPids.items()},
+            "helpers": {label: {str(k): v for k, v in h.items()}
+                        for label, h in helperPids.items()},
         }))
         print(f"raw data (perf.data, closes.json): {logdir}")
         print(f"{args.scenario}, {args.n} closes at once, {args.bursts} bursts per server, "
