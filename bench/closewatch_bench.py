@@ -1424,6 +1424,8 @@ def main() -> int:
     ap.add_argument("--concurrency", default="",
                     help="kill concurrency levels, e.g. 1,100 (default 1,100,1000)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs in OUT/logs")
+    ap.add_argument("--closewatch-args", default="",
+                    help="more closewatch options, e.g. '--cgroup off'")
     ap.add_argument("--root", default=str(ROOT),
                     help="closewatch source tree to benchmark (default: this checkout)")
     args = ap.parse_args()
@@ -1492,7 +1494,8 @@ def main() -> int:
     if not check.stdout.strip().startswith(str(ROOT)):
         log(f"warning: the server imports {check.stdout.strip()}, not from {ROOT}")
     if "closewatch" in servers:
-        EXTRA_CLOSEWATCH_OPTIONS[:] = closewatchOptions(args.server_python, cfg["background"] + 2000)
+        EXTRA_CLOSEWATCH_OPTIONS[:] = (closewatchOptions(args.server_python, cfg["background"] + 2000)
+                                       + args.closewatch_args.split())
 
     twistedVersion = versionOf([args.server_python, "-c", "import twisted; print(twisted.__version__)"])
     commit = versionOf(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])

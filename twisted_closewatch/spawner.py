@@ -405,13 +405,13 @@ class _ExitReports:
 class _Exited(_ExitNotifier):
     """
     A spawned worker's pidfd in the reactor: it only says that the worker
-    has exited (the spawner, its parent, reaps it and reports the status).
+    has exited (the spawner, its parent, reaps it and reports the status),
+    which is no teardown work yet: nothing is polled first.
     """
 
     _worker: SpawnedWorker
 
     def doRead(self) -> None:
-        self._worker.beforeTeardown()
         self._worker.exited()
 
 
@@ -499,6 +499,7 @@ class SpawnedWorker(WorkerProcess):
         self._maybeEnd()
 
     def exitReported(self, status: int) -> None:
+        self.beforeTeardown()
         self._exitStatus = status
         self._maybeEnd()
 
