@@ -35,8 +35,10 @@ log = Logger()
 
 #: The longest a teardown waits for the dying workers to be reaped.
 TEARDOWN_DELAY = 0.05
-#: Teardown calls run between two polls of the close watch.
-CHUNK = 32
+#: Teardown calls run between two polls of the close watch: an end costs a
+#: few hundred microseconds, and a client that leaves meanwhile waits for
+#: at most this many.
+CHUNK = 4
 
 Work = Callable[[], None]
 

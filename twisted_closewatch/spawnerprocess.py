@@ -217,14 +217,20 @@ class ReapSchedule:
         """
         A child has exited (a C{SIGCHLD}).
 
-        @return: whether to reap now.
+        @return: whether to reap (one) now.
+        """
+        if self._at is None and now - self._last >= REAP_QUIET:
+            return True
+        self.more(now)
+        return False
+
+    def more(self, now: float) -> None:
+        """
+        More children have exited than are reaped now: a burst.
         """
         if self._at is None:
-            if now - self._last >= REAP_QUIET:
-                return True
             self._by = now + REAP_DELAY
         self._at = min(now + REAP_QUIET, self._by)
-        return False
 
     def due(self, now: float) -> bool:
         """
@@ -314,8 +320,10 @@ class Spawner:
             for fd, _ in ready:
                 if fd == self._wakeRead:
                     _drain(self._wakeRead)
-                    if self._reaps.exited(time.monotonic()):
-                        self._reap()
+                    # The first exit at once; a second one waiting means a
+                    # burst, reaped once it pauses.
+                    if self._reaps.exited(time.monotonic()) and self._reap(limit=1):
+                        self._reaps.more(time.monotonic())
                 elif fd == self._events.fileno():
                     self._flushReports()
                 elif not self._serveOne():
@@ -534,12 +542,15 @@ class Spawner:
         finally:
             os._exit(status)
 
-    def _reap(self) -> None:
+    def _reap(self, limit: int | None = None) -> bool:
         """
-        Report every worker that has exited, its group and cgroup killed
-        first.
+        Report every worker that has exited (at most C{limit}), its group and
+        cgroup killed first.
+
+        @return: whether another has exited and is left for later.
         """
         self._reaps.reaped(time.monotonic())
+        reaped = 0
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -547,6 +558,10 @@ class Spawner:
                 break
             if info is None:
                 break
+            if reaped == limit:
+                self._flushReports()
+                return True
+            reaped += 1
             pid = info.si_pid
             ours = pid in self._workers
             if ours:
@@ -559,6 +574,7 @@ class Spawner:
             if ours:
                 self._reports.append(_encode({"id": requestID, "pid": pid, "status": status}))
         self._flushReports()
+        return False
 
     def _flushReports(self) -> None:
         """

@@ -239,3 +239,16 @@ class ReapScheduleTests(SynchronousTestCase):
         # The first exit put off came at 100 + quiet / 2; each step is quiet / 2.
         self.assertLessEqual(now, 100.0 + quiet + delay)
         self.assertGreater(now, 100.0 + delay - quiet)
+
+    def test_burstFoundAtTheFirstReap(self) -> None:
+        """
+        Several exits found by the first reap (the spawner woke late): one
+        is reaped, the rest once the burst pauses.
+        """
+        quiet = spawnerprocess.REAP_QUIET
+        reaps = spawnerprocess.ReapSchedule()
+        self.assertTrue(reaps.exited(100.0))
+        reaps.reaped(100.0)
+        reaps.more(100.0)
+        self.assertFalse(reaps.due(100.0 + quiet / 2))
+        self.assertTrue(reaps.due(100.0 + quiet))
