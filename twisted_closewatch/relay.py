@@ -288,7 +288,6 @@ class Relay:
         Every kill of the reactor turn has been sent: finish this one, and
         if the client is still connected, bound the wait for its drop.
         """
-        self.worker.killed()
         self._liveness.stop()
         if self.state is State.KILLED:
             self._dropCall = self._clock.callLater(DROP_DELAY, self._drop)

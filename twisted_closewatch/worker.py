@@ -105,17 +105,11 @@ class IWorker(Interface):
         Kill the worker's whole process group (after C{--grace}, if any); the
         rest of its output is not needed any more.
 
-        A C{SIGKILL} goes to the group at once, and nothing else is done:
-        the rest waits for L{killed}.
+        A C{SIGKILL} goes to the group at once, and stops the watching of
+        its pipes; what left the group is killed later (L{killStragglers}).
 
         @return: whether it was sent C{SIGKILL} and is dying now, so that its
             reap will be told very soon (L{IWorkerSink.workerReaped}).
-        """
-
-    def killed() -> None:
-        """
-        Every kill of this reactor turn has been sent: stop watching the
-        pipes of a worker sent C{SIGKILL}.
         """
 
     def killStragglers() -> None:
@@ -288,6 +282,12 @@ class WorkerHandle:
         The signal first: with C{SIGKILL} to the group at once or, given a
         grace period, with C{SIGTERM} first and C{SIGKILL} once the grace
         is over, unless it is reaped before.
+
+        A worker sent C{SIGKILL} is muted until its reap, at once: its
+        pipes' closing would wake the server, which Linux then runs ahead of
+        the dying worker on its CPU, delaying its exit's last steps (see the
+        "Kill path" section of C{bench/README.md}); its stderr is drained at
+        the reap.
         """
         dying = False
         if not self._grace:
@@ -297,6 +297,8 @@ class WorkerHandle:
                 pass
             else:
                 dying = not self._isReaped
+                if dying:
+                    self._process.mute()
         elif self._graceCall is None and self._signal("TERM"):
             self._graceCall = self._clock.callLater(self._grace, self._signal, "KILL")
         self._abandoned = True
@@ -304,18 +306,8 @@ class WorkerHandle:
             self._process.loseConnection()
         return dying
 
-    def killed(self) -> None:
-        """
-        A worker sent C{SIGKILL} and not reaped yet is muted until its reap:
-        its pipes' closing would wake the server ahead of the dying worker
-        (see the "Kill path" section of C{bench/README.md}); its stderr is
-        drained at the reap.
-        """
-        if not (self._isReaped or self._grace):
-            self._process.mute()
-
     def killStragglers(self) -> None:
-        if not self._grace:
+        if not (self._grace or self._isReaped):
             self._process.killStragglers()
 
     def _signal(self, name: str) -> bool:

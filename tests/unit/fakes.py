@@ -86,9 +86,6 @@ class FakeWorker:
         self.actions.append("kill")
         return self.dying
 
-    def killed(self) -> None:
-        self.actions.append("killed")
-
     def killStragglers(self) -> None:
         self.actions.append("stragglers")
 

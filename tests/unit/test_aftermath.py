@@ -140,14 +140,17 @@ class BurstTests(SynchronousTestCase):
 
     def test_everyKillFirst(self) -> None:
         """
-        The turn that sees the FINs kills every worker and does nothing
-        else to them; the next one mutes them and arms the drops' timers.
+        The turn that sees the FINs kills every worker and stops reading
+        its client, and does nothing else; the next one arms the drops'
+        timers, and what left the workers' groups waits for their reaps.
         """
         self.closeAll()
         self.assertEqual(self.actions, [["kill"]] * 100)
         self.assertTrue(all(h.relay.state is State.KILLED for h in self.harnesses))
+        self.assertTrue(all(h.transport.producerState == "paused" for h in self.harnesses))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
         self.clock.advance(0)
-        self.assertEqual(self.actions, [["kill", "killed"]] * 100)
+        self.assertEqual(self.actions, [["kill"]] * 100)
         self.assertEqual(len(self.clock.getDelayedCalls()), 100 + 1)
 
     def test_dropsAfterTheLastReap(self) -> None:

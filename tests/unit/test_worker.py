@@ -82,26 +82,20 @@ class KillTests(HandleTestCase):
         """
         handle = self.handle()
         handle.kill()
-        handle.killed()
         self.assertTrue(self.process.muted)
         self.assertFalse(self.process.stderrDrained)
         self.process.protocol.processExited(None)
         self.assertTrue(self.process.stderrDrained)
         self.assertTrue(self.process.lost)
 
-    def test_killFirstTheRestLater(self) -> None:
+    def test_stragglersLater(self) -> None:
         """
-        The kill is one signal to the group; the pipes are muted by
-        L{WorkerHandle.killed}, once every kill of the reactor turn has gone
-        out, and what left the group (its cgroup) is killed by
-        L{WorkerHandle.killStragglers}.
+        The kill is one signal to the group; what left the group (its
+        cgroup) is killed by L{WorkerHandle.killStragglers}, after the
+        burst.
         """
         handle = self.handle()
         handle.kill()
-        self.assertEqual(self.process.signals, ["KILL"])
-        self.assertFalse(self.process.muted)
-        handle.killed()
-        self.assertTrue(self.process.muted)
         self.assertEqual(self.process.signals, ["KILL"])
         handle.killStragglers()
         self.assertEqual(self.process.signals, ["KILL", "stragglers"])
@@ -116,17 +110,16 @@ class KillTests(HandleTestCase):
         handle.killStragglers()
         self.assertEqual(self.process.signals, ["TERM"])
 
-    def test_killedAfterReapDoesNothing(self) -> None:
+    def test_noStragglersKilledAfterReap(self) -> None:
         """
-        A worker reaped before its kill's follow-up: its group is gone, and
-        its pipes, being dropped, must not be muted.
+        A worker reaped before its stragglers' kill: the spawner killed its
+        cgroup before the reap, and the cgroup may be gone.
         """
         handle = self.handle()
         handle.kill()
         self.process.protocol.processExited(None)
-        handle.killed()
+        handle.killStragglers()
         self.assertEqual(self.process.signals, ["KILL"])
-        self.assertFalse(self.process.muted)
 
     def test_graceTermThenKill(self) -> None:
         """
