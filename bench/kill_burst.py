@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import closewatch_bench as b
 import kill_floor
-from kill_path import parse
+from kill_path import parse, stopPerf
 
 SYSCALLS = {
     0: "read", 1: "write", 3: "close", 7: "poll", 13: "rt_sigaction", 14: "rt_sigprocmask",
@@ -295,9 +295,7 @@ def main() -> int:
                         for closes in results[label] if closes]
             report(label, analyses, args.n)
     finally:
-        if perf is not None and perf.poll() is None:
-            perf.kill()
-            perf.wait()
+        stopPerf(perf)
         b.cleanup()
     return 0
 

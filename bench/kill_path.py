@@ -58,6 +58,16 @@ def parse(path: Path) -> list[dict]:
     return events
 
 
+def stopPerf(perf: subprocess.Popen | None) -> None:
+    """
+    End a C{perf record} still running (an error or an interrupt cut the
+    run short).
+    """
+    if perf is not None and perf.poll() is None:
+        perf.kill()
+        perf.wait()
+
+
 def legs(events: list[dict], close: dict, server: int, scenario: str) -> dict | None:
     """The kernel timestamps of one close, from the trace."""
     state = TCP_CLOSE if scenario == "rst" else TCP_CLOSE_WAIT
@@ -181,9 +191,7 @@ def main() -> int:
                 for seq, count in common:
                     print(f"    {title} ({count}/{len(rows)}): {seq or '(none)'}")
     finally:
-        if perf is not None and perf.poll() is None:
-            perf.kill()
-            perf.wait()
+        stopPerf(perf)
         b.cleanup()
     return 0
 
