@@ -2,16 +2,16 @@
 What follows the kills, held back so that it delays none.
 
 When a hundred clients leave at once, the server's CPU is what every one
-of their kills, and every dying worker, waits for.  A kill is one system
-call; what follows it (stop watching the worker's pipes, stop reading the
-client, C{cgroup.kill} for what left the worker's group, the close watch's
-re-arming) is a dozen, and the end of the connection (the drop of the
-client's transport, the reap's handling, the log line, the metrics) is a
-few hundred microseconds of Python.  L{Aftermath} is the server's one place
-for that work, in two stages:
+of their kills, and every dying worker, waits for.  A kill is a few system
+calls (the signal, the client and the worker's pipes no longer watched);
+what follows it (timers, C{cgroup.kill} for what left the worker's group)
+is more, and the end of the connection (the drop of the client's
+transport, the log line, the metrics) is a few hundred microseconds of
+Python.  L{Aftermath} is the server's one place for that work, in two
+stages:
 
   - L{Aftermath.afterKills}: once every kill of this reactor turn has been
-    sent (the next turn, one call for the whole batch);
+    sent (the next turn, one timer for the whole batch);
   - L{Aftermath.teardown}: once no worker sent C{SIGKILL} is still
     waiting for its reap (L{Aftermath.killed}, L{Aftermath.reaped}), so
     that the dying workers have the CPUs to themselves, and at the latest

@@ -22,10 +22,10 @@ killed and when the connection has ended.  Its states and transitions:
 "Client gone" is whatever way the client leaves or must go: a FIN (under
 C{--half-close kill}), a reset, a dead peer, the close watch seeing either
 while the client is paused, the idle timeout, C{--max-lifetime}, the
-server stopping.  The kill is the first thing done then; the reason is
-read after the signal is sent, and the client is no longer read.
-Everything else waits in the server's L{Aftermath}: what follows a kill
-(the worker's pipes no longer watched, the timers) until every kill of the
+server stopping.  The kill is the first thing done then (the worker's
+group signalled, its pipes no longer watched); the reason is read after
+the signal is sent, and the client is no longer read.  The rest waits in
+the server's L{Aftermath}: the drop's timer until every kill of the
 reactor turn has been sent; the kill of what left the worker's group (its
 cgroup) and the connection's drop (epoll updates, producers, the
 transport's C{shutdown} and C{close}, and after it the end's log line)
@@ -279,16 +279,15 @@ class Relay:
                 self._aftermath.teardown(self.worker.killStragglers)
             else:
                 self.state = State.CLIENT_GONE
-                self._liveness.stop()
             self.record.reason = reason()
+            self._liveness.stop()
         return self.state
 
     def _killed(self) -> None:
         """
-        Every kill of the reactor turn has been sent: finish this one, and
-        if the client is still connected, bound the wait for its drop.
+        Every kill of the reactor turn has been sent: if the client is still
+        connected, bound the wait for its drop.
         """
-        self._liveness.stop()
         if self.state is State.KILLED:
             self._dropCall = self._clock.callLater(DROP_DELAY, self._drop)
 
