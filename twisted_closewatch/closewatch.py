@@ -124,13 +124,12 @@ class EpollCloseWatch:
                         self.unwatch(fd)
                 elif events & _RDHUP:
                     onClosed()
-                    if self._callbacks.get(fd) is callbacks:
-                        closed.append(fd)
+                    closed.append((fd, callbacks))
             # After every callback of the batch (every kill), and before the
             # next poll: level-triggered, the registration is kept for a later
             # reset only, or these FINs would be reported every time.
-            for fd in closed:
-                if fd in self._callbacks:
+            for fd, callbacks in closed:
+                if self._callbacks.get(fd) is callbacks:
                     self._epoll.modify(fd, 0)
             if len(ready) < 1024:
                 return
