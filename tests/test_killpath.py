@@ -55,6 +55,47 @@ class ReasonAfterKillTests(TestCase):
             self.assertIsInstance(end["kill_latency_ms"], float)
 
 
+class BurstTests(TestCase):
+    """
+    Many clients leaving at once: every kill goes out first and the ends
+    follow them, each still right.
+    """
+
+    def setUp(self) -> None:
+        self.server = Server((), PID_WORKER)
+        self.addCleanup(self.server.cleanup)
+
+    def test_burstOfCloses(self) -> None:
+        """
+        30 FINs, resets and half-closes in one loop: every worker is
+        killed, every end is logged once with its reason and a SIGKILL,
+        every half-closed client gets its EOF, and the slots are back (a
+        new client is served).
+        """
+        conns = [self.server.connectWorker() for _ in range(30)]
+        for i, (sock, _) in enumerate(conns):
+            action = ("fin", "rst", "half")[i % 3]
+            if action == "fin":
+                sock.close()
+            elif action == "rst":
+                reset(sock)
+            else:
+                sock.shutdown(socket.SHUT_WR)
+        waitGone([pid for _, pid in conns], 10)
+        for i, (sock, _) in enumerate(conns):
+            if i % 3 == 2:
+                self.assertEqual(readAll(sock, timeout=5), b"")
+                sock.close()
+        for i in range(30):
+            end = self.server.endOf(i + 1)
+            reason = "client-reset" if i % 3 == 1 else "client-closed"
+            self.assertEqual((i, end["reason"], end["exit_signal"]), (i, reason, 9))
+        self.assertEqual(len(self.server.ends()), 30)
+        sock, pid = self.server.connectWorker()
+        sock.close()
+        waitGone([pid], 5)
+
+
 class EpollCloseWatchOrderTests(TestCase):
     """
     L{EpollCloseWatch} calls back (the relay kills) before its own
