@@ -234,6 +234,9 @@ class DirectConnection:
         if self.state is State.RUNNING:
             self.record.seenGone()
             self.worker.kill()
+            # What left the group too (the relayed mode leaves that until
+            # its burst's dying are reaped).
+            self.worker.killStragglers()
             self.state = State.KILLED
             self.record.reason = reason()
             self._idle.stop()

@@ -189,7 +189,8 @@ class DepartureTests(SynchronousTestCase):
     def test_finKills(self) -> None:
         h = DirectHarness()
         h.watch.sawClose(h.probe.fd)
-        self.assertEqual(h.actions[-1], "kill")
+        # The group, then what left it (its cgroup).
+        self.assertEqual(h.actions[-2:], ["kill", "stragglers"])
         self.assertIs(h.direct.state, State.KILLED)
         self.assertEqual(h.record.reason, EndReason.CLIENT_CLOSED)
         # The worker may still hold the socket: no shutdown, no close.
@@ -213,7 +214,7 @@ class DepartureTests(SynchronousTestCase):
     def test_resetKillsAndAborts(self) -> None:
         h = DirectHarness()
         h.watch.sawReset(h.probe.fd)
-        self.assertEqual(h.actions[-2:], ["kill", "probe"])
+        self.assertEqual(h.actions[-3:], ["kill", "stragglers", "probe"])
         h.probe.tcp = info(CLOSE, received=5)
         h.exits(None, 9)
         self.assertIs(h.direct.state, State.CLOSING)
