@@ -15,6 +15,26 @@ from twisted.trial.unittest import SkipTest, TestCase
 from tests.support import PID_WORKER, Server, readAll, reset, waitGone
 from twisted_closewatch.closewatch import EpollCloseWatch
 
+#: C{leave(sock, i)} half-closes when C{i % 3} is this.
+HALF = 2
+
+
+def leave(sock: socket.socket, i: int) -> str:
+    """
+    The C{i}th client leaves: with a FIN, a reset or a half-close, in
+    turn.
+
+    @return: the reason its end should be logged with.
+    """
+    if i % 3 == 1:
+        reset(sock)
+        return "client-reset"
+    if i % 3 == HALF:
+        sock.shutdown(socket.SHUT_WR)
+    else:
+        sock.close()
+    return "client-closed"
+
 
 class ReasonAfterKillTests(TestCase):
     """
@@ -37,33 +57,27 @@ class ReasonAfterKillTests(TestCase):
         expected = {}
         for i in range(1, 13):
             sock, pid = self.server.connectWorker()
-            action = ("fin", "rst", "half")[i % 3]
-            if action == "fin":
-                sock.close()
-            elif action == "rst":
-                reset(sock)
-            else:
-                sock.shutdown(socket.SHUT_WR)
+            expected[i] = leave(sock, i)
             waitGone([pid], 5)
-            if action == "half":
-                self.assertEqual(readAll(sock, timeout=5), b"")
-                sock.close()
-            expected[i] = "client-reset" if action == "rst" else "client-closed"
+            self.assertEOFIfHalfClosed(sock, i)
+        self.assertEnds(expected)
+
+    def assertEOFIfHalfClosed(self, sock: socket.socket, i: int) -> None:
+        """
+        The C{i}th client, if it half-closed, gets its EOF.
+        """
+        if i % 3 == HALF:
+            self.assertEqual(readAll(sock, timeout=5), b"")
+            sock.close()
+
+    def assertEnds(self, expected: dict[int, str]) -> None:
+        """
+        Each connection's end is logged with its reason and a SIGKILL.
+        """
         for i, reason in expected.items():
             end = self.server.endOf(i)
             self.assertEqual((i, end["reason"], end["exit_signal"]), (i, reason, 9))
             self.assertIsInstance(end["kill_latency_ms"], float)
-
-
-class BurstTests(TestCase):
-    """
-    Many clients leaving at once: every kill goes out first and the ends
-    follow them, each still right.
-    """
-
-    def setUp(self) -> None:
-        self.server = Server((), PID_WORKER)
-        self.addCleanup(self.server.cleanup)
 
     def test_burstOfCloses(self) -> None:
         """
@@ -73,23 +87,11 @@ class BurstTests(TestCase):
         new client is served).
         """
         conns = [self.server.connectWorker() for _ in range(30)]
-        for i, (sock, _) in enumerate(conns):
-            action = ("fin", "rst", "half")[i % 3]
-            if action == "fin":
-                sock.close()
-            elif action == "rst":
-                reset(sock)
-            else:
-                sock.shutdown(socket.SHUT_WR)
+        expected = {i: leave(sock, i) for i, (sock, _) in enumerate(conns, 1)}
         waitGone([pid for _, pid in conns], 10)
-        for i, (sock, _) in enumerate(conns):
-            if i % 3 == 2:
-                self.assertEqual(readAll(sock, timeout=5), b"")
-                sock.close()
-        for i in range(30):
-            end = self.server.endOf(i + 1)
-            reason = "client-reset" if i % 3 == 1 else "client-closed"
-            self.assertEqual((i, end["reason"], end["exit_signal"]), (i, reason, 9))
+        for i, (sock, _) in enumerate(conns, 1):
+            self.assertEOFIfHalfClosed(sock, i)
+        self.assertEnds(expected)
         self.assertEqual(len(self.server.ends()), 30)
         sock, pid = self.server.connectWorker()
         sock.close()
