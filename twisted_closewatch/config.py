@@ -18,8 +18,10 @@ from __future__ import annotations
 import codecs
 import ipaddress
 import math
+import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -212,6 +214,35 @@ def _readAhead(instance: Any, attribute: attr.Attribute[Any], value: int) -> Non
         raise InvalidSetting("{value}: {option} must be at most 1g", value, "--read-ahead")
 
 
+#: The largest C{--spool-max} and C{--spool-total}: 1 TiB.
+SPOOL_LIMIT = 1024**4
+
+
+def _spoolSize(instance: Any, attribute: attr.Attribute[Any], value: int) -> None:
+    option = _option(attribute)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidSetting("{value}: {option} must be a size >= 0", value, option)
+    if value > SPOOL_LIMIT:
+        raise InvalidSetting("{value}: {option} must be at most 1024g", value, option)
+
+
+def parseDirectory(text: str) -> str:
+    """
+    A directory, made absolute: the server may change its working directory
+    (C{twistd} without C{-n} goes to C{/}).
+    """
+    return os.path.abspath(text)
+
+
+def _spoolDir(instance: Any, attribute: attr.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str):
+        raise InvalidSetting("{value}: {option} must be a path", value, "--spool-dir")
+    if not os.path.isdir(value):
+        raise InvalidSetting("{value}: {option} is not a directory", value, "--spool-dir")
+    if not os.access(value, os.W_OK | os.X_OK):
+        raise InvalidSetting("{value}: {option} is not writable", value, "--spool-dir")
+
+
 def _halfClose(instance: Any, attribute: attr.Attribute[Any], value: str) -> None:
     if value not in ("kill", "forward"):
         raise InvalidSetting(
@@ -280,6 +311,33 @@ class Config:
         parseSize,
         _readAhead,
         shown="256k",
+    )
+    spoolMax: int = setting(
+        64 * 1024**2,
+        "spool-max",
+        "Client bytes a connection may hold on disk (--spool-dir) while its worker is not "
+        "reading, beyond the read-ahead, before the client is paused; 0 = no spooling.",
+        parseSize,
+        _spoolSize,
+        shown="64m",
+    )
+    spoolTotal: int = setting(
+        1024**3,
+        "spool-total",
+        "Client bytes all connections together may hold on disk (--spool-dir); past it, "
+        "clients are paused instead.",
+        parseSize,
+        _spoolSize,
+        shown="1g",
+    )
+    spoolDir: str = setting(
+        attr.Factory(tempfile.gettempdir),
+        "spool-dir",
+        "An existing, writable directory for the spool files (unlinked at once, so "
+        "nothing is left behind).",
+        parseDirectory,
+        _spoolDir,
+        shown="the system's temporary directory: $TMPDIR, else /tmp",
     )
     keepaliveIdle: int = setting(
         60,

@@ -40,7 +40,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel
 
-from twisted_closewatch import access, limits, spawn
+from twisted_closewatch import access, limits, spawn, spool
 from twisted_closewatch.addresses import clientIP, describe
 from twisted_closewatch.aftermath import Aftermath
 from twisted_closewatch.client import ByteStreamClient, IClient, IClientEvents
@@ -77,6 +77,8 @@ class CloseWatchFactory(Factory):
     @ivar workers: how a connection's worker is started.
     @ivar metrics: where accepts, spawns and ends are counted, if anywhere.
     @ivar aftermath: where the work that follows the kills waits.
+    @ivar spool: what the connections' spool files may hold together, if
+        they spool.
     @ivar guardian: what kills the workers if the server dies, if anything
         (L{twisted_closewatch.service.CloseWatchService} sets it).
     @ivar spawner: what starts the workers, if not the server itself
@@ -114,6 +116,9 @@ class CloseWatchFactory(Factory):
         self._ids = itertools.count(1)
         self._closeWatch = closeWatch
         self.aftermath = Aftermath(reactor, self._killFirst)
+        self.spool = spool.budgetFor(config)
+        if metrics is not None and self.spool is not None:
+            metrics.watchSpool(self.spool)
         self.workers = ProcessStarter(
             reactor,
             config,
@@ -209,11 +214,7 @@ class CloseWatchFactory(Factory):
     def _connect(self, slot: limits.Slot, connectionID: int, client: IClient) -> IClientEvents:
         record = ConnectionRecord(connectionID, describe(client.peer))
         ended = partial(self._ended, slot)
-        owner: Callable[..., Relay | DirectConnection] = (
-            DirectConnection if self.config.direct else partial(Relay, aftermath=self.aftermath)
-        )
-        makeOwner: Callable[[], Relay | DirectConnection] = partial(
-            owner,
+        arguments = (
             client,
             record,
             self.config,
@@ -222,6 +223,12 @@ class CloseWatchFactory(Factory):
             partial(self._startWorker, slot, client, record),
             ended,
         )
+
+        def makeOwner() -> Relay | DirectConnection:
+            if self.config.direct:
+                return DirectConnection(*arguments)
+            return Relay(*arguments, self.aftermath, self.spool)
+
         connection = connect(client, record, ended, makeOwner)
         self.connections.add(connectionID, connection)
         return connection
@@ -330,6 +337,7 @@ def _logEnd(record: ConnectionRecord) -> None:
         duration=record.duration(),
         bytes_in=record.bytesIn,
         bytes_out=record.bytesOut,
+        bytes_spooled=record.bytesSpooled,
         kill_latency_ms=record.killLatencyMS,
         stderr_dropped=record.stderrDropped,
     )

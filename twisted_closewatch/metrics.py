@@ -13,7 +13,8 @@ chunk: the relay's hot path pays nothing for metrics.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -22,6 +23,9 @@ from twisted.web.server import Site
 
 from twisted_closewatch.listening import Listener
 from twisted_closewatch.record import ConnectionRecord, EndReason
+
+if TYPE_CHECKING:
+    from twisted_closewatch.spool import SpoolBudget
 
 try:
     import prometheus_client
@@ -141,6 +145,13 @@ class ServerMetrics:
         self._received.inc(record.bytesIn)
         self._sent.inc(record.bytesOut)
 
+    def watchSpool(self, budget: SpoolBudget) -> None:
+        """
+        Report the spool's bytes written and space in use, read from
+        C{budget} at each scrape: nothing is counted on the byte path.
+        """
+        self.registry.register(_SpoolCollector(budget))
+
     def resource(self) -> IResource:
         """
         A web resource tree with these metrics at C{/metrics}.
@@ -160,6 +171,37 @@ class ServerMetrics:
         C{description} in errors.
         """
         return Listener(endpoint, _MetricsSite(self.resource()), description)
+
+
+class _SpoolCollector:
+    """
+    The spool's figures, as a custom collector reads them.
+    """
+
+    def __init__(self, budget: SpoolBudget) -> None:
+        self._budget = budget
+
+    def describe(self) -> list[Any]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield CounterMetricFamily(
+            "closewatch_spooled_bytes",
+            "Client bytes written to spool files while their worker was not reading.",
+            value=self._budget.spooled,
+        )
+        yield GaugeMetricFamily(
+            "closewatch_spool_bytes",
+            "Spool space in use now: the length of every connection's spool file.",
+            value=self._budget.inUse,
+        )
+        yield GaugeMetricFamily(
+            "closewatch_spool_limit_bytes",
+            "--spool-total: the most the spool files may hold together.",
+            value=self._budget.total,
+        )
 
 
 class _MetricsSite(Site):

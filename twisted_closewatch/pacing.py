@@ -2,31 +2,27 @@
 Flow control between a client and its worker, both ways, with bounded
 buffers.
 
-A worker that stops reading its stdin pauses reading the client (and the
-close watch takes over noticing the client's departure; the idle clock
-stops, the silence being ours); a client that stops reading pauses reading
-the worker's stdout.  One read from the client is at most a quarter of the
+A worker that stops reading its stdin pauses reading the client, once the
+spool cannot take more (L{twisted_closewatch.spool}; the close watch then
+takes over noticing the client's departure; the idle clock stops, the
+silence being ours); a client that stops reading pauses reading the
+worker's stdout.  One read from the client is at most a quarter of the
 read-ahead, and the worker's stdin buffer pauses the client past the other
 three quarters, so at most the read-ahead is ever held for the worker.
 """
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer
-
 from twisted_closewatch.client import IClient
 from twisted_closewatch.liveness import ConnectionLiveness
 from twisted_closewatch.worker import IWorker
 
 
-@implementer(IPushProducer)
 class Pacing:
     """
-    The flow control of one relay: the producer the worker's stdin paces
-    (Twisted's process transport has no C{stopProducing} of its own to pass
-    on, so this sits between it and the client), and the pacer of the
-    worker's output.
+    The flow control of one relay: the client's reading, paused and resumed
+    for the worker's input (L{twisted_closewatch.spool.SpooledInput} decides
+    when), and the pacer of the worker's output.
 
     @ivar paused: whether the client is not being read now.
     """
@@ -40,26 +36,6 @@ class Pacing:
         self._clientConnected = True
         client.registerProducer(worker.outputProducer)
         self._outputPaced = True
-        worker.paceInput(self)
-
-    def pauseProducing(self) -> None:
-        """
-        The worker's stdin is full.
-        """
-        self.pauseClient()
-
-    def resumeProducing(self) -> None:
-        """
-        The worker's stdin takes data again.
-        """
-        self.resumeClient()
-
-    def stopProducing(self) -> None:
-        """
-        The worker closed its stdin: what the client sends from now on is
-        dropped, and the client is read again so that its close is seen.
-        """
-        self.resumeClient()
 
     def pauseClient(self) -> None:
         """

@@ -39,6 +39,9 @@ class EndReason(enum.StrEnum):
     WEBSOCKET_ERROR = "websocket-error"
     #: C{--websocket --heartbeat}: a ping was not answered in time.
     PING_TIMEOUT = "ping-timeout"
+    #: What the client sent was spooled and cannot be read back: the worker
+    #: cannot get its input whole and in order.
+    SPOOL_ERROR = "spool-error"
 
 
 #: Ends after which the client still gets what was sent to it, then a FIN
@@ -74,6 +77,7 @@ class ConnectionRecord:
     exitSignal: int | None = None
     bytesIn: int = 0
     bytesOut: int = 0
+    bytesSpooled: int = 0
     killLatencyMS: float | None = None
     stderrDropped: int = 0
 

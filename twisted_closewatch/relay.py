@@ -34,7 +34,8 @@ most L{DROP_DELAY} after the kill.  A worker sent C{SIGKILL} needs the CPU
 to die, and in a burst of a hundred closes that work would otherwise run
 between the kills and the deaths.
 
-Flow control (L{Pacing}), the close watch and the reasons read from the
+Flow control (L{Pacing}) and the worker's input, spooled while the worker
+does not read (L{SpooledInput}), the close watch and the reasons read from the
 client's socket (L{ClientDeparture}), and the idle timeout and heartbeat
 (L{ConnectionLiveness}) are the relay's helpers; it tells them what
 happens, and they tell it nothing but "the client is gone".  How a client
@@ -64,6 +65,7 @@ from twisted_closewatch.departure import ClientDeparture
 from twisted_closewatch.liveness import ConnectionLiveness
 from twisted_closewatch.pacing import Pacing
 from twisted_closewatch.record import CLOSE_GRACEFULLY, ConnectionRecord, EndReason
+from twisted_closewatch.spool import SpoolBudget, SpooledInput
 from twisted_closewatch.worker import IWorkerSink, WorkerStarter
 
 log = Logger()
@@ -133,11 +135,14 @@ class Relay:
         startWorker: WorkerStarter,
         ended: Ended,
         aftermath: Aftermath,
+        spool: SpoolBudget | None = None,
     ) -> None:
         """
         Start the worker and relay.
 
         @param aftermath: where the work that follows a kill waits.
+        @param spool: where the client's bytes go while the worker does not
+            read them, if anywhere.
         @raise OSError: the worker could not be started.
         """
         self.record = record
@@ -155,6 +160,9 @@ class Relay:
         record.pid = self.worker.pid
         try:
             self._pacing = Pacing(client, self.worker, self._liveness)
+            self._input = SpooledInput(
+                self.worker, self._pacing, record, spool, self._spoolFailed
+            )
             self._departure = ClientDeparture(
                 client.probe, config, closeWatch, self._leave, self._pacing.clientReadsItsClose
             )
@@ -174,7 +182,7 @@ class Relay:
         if self.state is State.RUNNING:
             self.record.bytesIn += len(data)
             self._liveness.clientSent()
-            self.worker.write(data)
+            self._input.write(data)
 
     def clientFinished(self) -> None:
         """
@@ -187,7 +195,7 @@ class Relay:
                 # RST).
                 self.state = State.INPUT_DONE
                 self._liveness.clientFinished()
-                self.worker.closeStdin()
+                self._input.closeStdin()
             else:
                 self._leave(self._departure.finReason)
 
@@ -209,6 +217,9 @@ class Relay:
         drop the connection.  The first reason given is the one recorded.
         """
         self._leave(lambda: reason)
+
+    def _spoolFailed(self) -> None:
+        self.clientGone(EndReason.SPOOL_ERROR)
 
     # Worker events.
 
@@ -232,6 +243,7 @@ class Relay:
         state = self.state
         if state is State.RUNNING or state is State.INPUT_DONE:
             self._liveness.stop()
+            self._input.discard()
             self._pacing.detachWorkerOutput()
             self._pacing.resumeClient()
             if state is State.INPUT_DONE:
@@ -281,6 +293,7 @@ class Relay:
                 self.state = State.CLIENT_GONE
             self.record.reason = reason()
             self._liveness.stop()
+            self._input.discard()
         return self.state
 
     def _killed(self) -> None:
@@ -314,6 +327,7 @@ class Relay:
             self._client.abort()
 
     def _end(self) -> None:
+        self._input.discard()
         self.state = State.ENDED
         self._ended(self.record)
 

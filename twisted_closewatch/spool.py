@@ -1,0 +1,405 @@
+"""
+Spooling: what a client sends while its worker is not reading goes on to
+disk, so that the client is still read and its close still seen.
+
+Without a spool, a worker that stops reading pauses its client once the
+read-ahead is full; the client's kernel then holds the rest, and a FIN sent
+behind it waits in the client's own send queue, where no server can see it.
+With one, the client is read on into a per-connection file (as nginx
+spools request bodies beyond its memory buffer), up to C{--spool-max} per
+connection and C{--spool-total} for the server; only past those, or when
+the disk refuses, is the client paused as before.
+
+L{SpooledInput} is the worker's stdin as the relay writes it: the producer
+the stdin pipe paces, which sends the client's bytes to the worker while it
+reads, to the spool while it does not, and feeds the worker from the spool,
+in order, as its stdin drains.  L{SpoolFile} is one connection's file, a
+ring in an unlinked file; L{SpoolBudget}, owned by the factory, is what all
+the connections' files may take together.
+
+The file I/O is synchronous, on the reactor: C{pwrite} and C{pread} of at
+most 64 KiB at a time against a file the page cache holds (see
+C{bench/README.md}, "Spooling", for what that costs).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import tempfile
+from collections import deque
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_closewatch.config import Config
+from twisted_closewatch.pacing import Pacing
+from twisted_closewatch.record import ConnectionRecord
+from twisted_closewatch.worker import IWorker
+
+log = Logger()
+
+#: The most read from a spool file at once, to feed the worker.
+FEED_SIZE = 64 * 1024
+
+#: What C{open(O_TMPFILE)} fails with where the file system does not support it.
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
+
+
+def openUnlinked(directory: str) -> int:
+    """
+    A new file in C{directory} that has no name, so that nothing is left of
+    it once it is closed, whatever kills the process: C{O_TMPFILE} (Linux
+    3.11+, on most local file systems), else a C{mkstemp} file unlinked at
+    once.  The descriptor is close-on-exec: no worker inherits it.
+
+    @raise OSError: it cannot be made.
+    """
+    flags = getattr(os, "O_TMPFILE", 0)
+    if flags:
+        try:
+            return os.open(directory, flags | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno not in _NO_TMPFILE:
+                raise
+    fd, path = tempfile.mkstemp(prefix="closewatch-spool-", dir=directory)
+    os.unlink(path)
+    return fd
+
+
+def budgetFor(config: Config) -> SpoolBudget | None:
+    """
+    The spool budget of a server with C{config}, or C{None} if it does not
+    spool (C{--spool-max 0} or C{--spool-total 0}, or C{--direct}: no byte
+    passes through the server).
+    """
+    if config.direct or not (config.spoolMax and config.spoolTotal):
+        return None
+    return SpoolBudget(config.spoolDir, config.spoolMax, config.spoolTotal)
+
+
+class SpoolBudget:
+    """
+    What the spool files of one server may hold on disk together, and how
+    they are made.
+
+    A file is charged for its length, not for its unread bytes: what a
+    ring-shaped file has written stays on disk until it is emptied and
+    truncated.
+
+    @ivar inUse: bytes charged now (the spool space in use).
+    @ivar spooled: bytes ever written to a spool file.
+    """
+
+    def __init__(self, directory: str, perConnection: int, total: int) -> None:
+        """
+        @param directory: where the files are made.
+        @param perConnection: the most one connection's spool holds.
+        @param total: the most all of them hold together.
+        """
+        self.directory = directory
+        self.perConnection = perConnection
+        self.total = total
+        self.inUse = 0
+        self.spooled = 0
+
+    def reserve(self, size: int) -> bool:
+        """
+        Charge C{size} bytes, if the total allows it.
+        """
+        if self.inUse + size > self.total:
+            return False
+        self.inUse += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.inUse -= size
+
+    def open(self) -> SpoolFile:
+        """
+        A new, empty spool file.
+
+        @raise OSError: it cannot be made.
+        """
+        return SpoolFile(openUnlinked(self.directory), self)
+
+
+class SpoolFile:
+    """
+    One connection's spool: a ring of at most C{budget.perConnection} bytes
+    in an unlinked file, read in the order it was written.
+
+    @ivar size: bytes written and not read yet.
+    @ivar error: the error that stopped the last L{append}, if one did.
+    """
+
+    def __init__(self, fd: int, budget: SpoolBudget) -> None:
+        self._fd = fd
+        self._budget = budget
+        self._capacity = budget.perConnection
+        self._head = 0
+        self._length = 0
+        self.size = 0
+        self.error: OSError | None = None
+
+    def append(self, data: bytes) -> int:
+        """
+        Write as much of C{data} as the limits and the disk take.
+
+        @return: how many bytes of C{data} were taken, from its start; if
+            fewer than all because of an error, L{error} says which.
+        """
+        self.error = None
+        if self.size + len(data) > self._capacity:
+            return 0
+        view = memoryview(data)
+        taken = 0
+        while taken < len(view):
+            tail = (self._head + self.size) % self._capacity
+            piece = view[taken : taken + self._capacity - tail]
+            end = tail + len(piece)
+            if end > self._length:
+                # Charged before it is written, so never less than the file
+                # holds (more, until it is emptied, if the write fails).
+                if not self._budget.reserve(end - self._length):
+                    break
+                self._length = end
+            try:
+                written = os.pwrite(self._fd, piece, tail)
+            except OSError as e:
+                self.error = e
+                break
+            taken += written
+            self.size += written
+        self._budget.spooled += taken
+        return taken
+
+    def read(self, size: int) -> bytes:
+        """
+        Up to C{size} of the oldest bytes not read yet.
+
+        @raise OSError: the file cannot be read (they are lost).
+        """
+        size = min(size, self.size, self._capacity - self._head)
+        data = os.pread(self._fd, size, self._head)
+        if len(data) != size:
+            raise OSError(errno.EIO, "spool file shorter than written")
+        self._head = (self._head + size) % self._capacity
+        self.size -= size
+        return data
+
+    def empty(self) -> None:
+        """
+        Forget what it holds and give its space back (the ring starts over).
+        """
+        self._head = self.size = 0
+        if self._length:
+            self._budget.release(self._length)
+            self._length = 0
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.empty()
+        os.close(self._fd)
+
+
+class InputState(enum.Enum):
+    """
+    Where the client's bytes go now.
+    """
+
+    #: To the worker's stdin: the spool is empty.
+    DIRECT = "direct"
+    #: To the spool: the worker's stdin is full, or the spool not empty.
+    SPOOLING = "spooling"
+    #: The client is paused: the stdin is full and the spool cannot take
+    #: more (a limit, or the disk); what it still sends waits in memory.
+    PAUSED = "paused"
+    #: Nowhere: the worker closed its stdin, or the connection is over.
+    CLOSED = "closed"
+
+
+@implementer(IPushProducer)
+class SpooledInput:
+    """
+    The worker's stdin as the relay writes it, and the producer that stdin
+    paces (Twisted's process transport has no C{stopProducing} of its own
+    to pass on, so this sits between it and the client): bytes go to the
+    worker, or, while it does not read, to the spool, and from the spool to
+    the worker as its stdin drains, in order.  Without a budget (spooling
+    off) a full stdin pauses the client at once.
+
+    @param failed: called if spooled bytes cannot be read back: they are
+        lost, and the connection cannot go on.
+    """
+
+    state = InputState.DIRECT
+    _spool: SpoolFile | None = None
+    _errorLogged = False
+    _eofPending = False
+
+    def __init__(
+        self,
+        worker: IWorker,
+        pacing: Pacing,
+        record: ConnectionRecord,
+        budget: SpoolBudget | None,
+        failed: Callable[[], None],
+    ) -> None:
+        self._worker = worker
+        self._pacing = pacing
+        self._record = record
+        self._budget = budget
+        self._failed = failed
+        self._stdinReady = True
+        #: Bytes the spool did not take, in order, behind it.
+        self._held: deque[bytes] = deque()
+        worker.paceInput(self)
+
+    def write(self, data: bytes) -> None:
+        """
+        The client sent C{data} for the worker.
+        """
+        state = self.state
+        if state is InputState.DIRECT:
+            self._worker.write(data)
+        elif state is InputState.SPOOLING:
+            self._spoolOrHold(data)
+        elif state is InputState.PAUSED:
+            if self._held or (self._spool is not None and self._spool.size):
+                self._held.append(data)
+            else:
+                self._worker.write(data)
+
+    def closeStdin(self) -> None:
+        """
+        End the worker's input, once it has read what is spooled.
+        """
+        if self.state is InputState.DIRECT:
+            self._worker.closeStdin()
+        elif self.state is not InputState.CLOSED:
+            self._eofPending = True
+
+    def discard(self) -> None:
+        """
+        Nothing more goes to the worker: drop the spool and what is held.
+        """
+        self.state = InputState.CLOSED
+        self._held.clear()
+        if self._spool is not None:
+            spool, self._spool = self._spool, None
+            spool.close()
+
+    # IPushProducer, for the worker's stdin.
+
+    def pauseProducing(self) -> None:
+        """
+        The worker's stdin is full.
+        """
+        self._stdinReady = False
+        if self.state is InputState.DIRECT:
+            if self._budget is None:
+                self._pause()
+            else:
+                self.state = InputState.SPOOLING
+
+    def resumeProducing(self) -> None:
+        """
+        The worker's stdin takes data again: feed it what is spooled, then
+        what is held, and once both are empty take the client's bytes
+        directly again.
+        """
+        self._stdinReady = True
+        while self._stdinReady and self.state in (InputState.SPOOLING, InputState.PAUSED):
+            spool = self._spool
+            if spool is not None and spool.size:
+                try:
+                    chunk = spool.read(FEED_SIZE)
+                except OSError as e:
+                    self._readFailed(e)
+                    return
+                self._worker.write(chunk)
+            elif self._held:
+                self._worker.write(self._held.popleft())
+            else:
+                self._drained()
+
+    def stopProducing(self) -> None:
+        """
+        The worker closed its stdin: what the client sends from now on is
+        dropped, and the client is read again so that its close is seen.
+        """
+        self.discard()
+        self._pacing.resumeClient()
+
+    # Internals.
+
+    def _spoolOrHold(self, data: bytes) -> None:
+        taken = 0
+        spool = self._spool
+        if spool is None:
+            spool = self._open()
+        if spool is not None:
+            taken = spool.append(data)
+            self._record.bytesSpooled += taken
+            if spool.error is not None:
+                self._logError("cannot write to the spool", spool.error)
+        if taken < len(data):
+            self._held.append(data[taken:])
+            self._pause()
+
+    def _open(self) -> SpoolFile | None:
+        assert self._budget is not None
+        try:
+            self._spool = self._budget.open()
+        except OSError as e:
+            self._logError("cannot make a spool file", e)
+        return self._spool
+
+    def _pause(self) -> None:
+        self.state = InputState.PAUSED
+        self._pacing.pauseClient()
+
+    def _drained(self) -> None:
+        """
+        Spool and memory are empty, the worker's stdin is not full.
+        """
+        if self._spool is not None:
+            self._spool.empty()
+        if self.state is InputState.PAUSED:
+            self._pacing.resumeClient()
+        self.state = InputState.DIRECT
+        if self._eofPending:
+            self._worker.closeStdin()
+
+    def _logError(self, what: str, error: OSError) -> None:
+        """
+        Once per connection: the client is paused instead, and the spool is
+        tried again the next time it is needed.
+        """
+        if not self._errorLogged:
+            self._errorLogged = True
+            log.warn(
+                "[{connection_id}] {what} in {spool_dir}: {error}; the client is paused",
+                connection_id=self._record.connectionID,
+                what=what,
+                spool_dir=self._budget.directory if self._budget else None,
+                error=error.strerror or str(error),
+                errno=error.errno,
+            )
+
+    def _readFailed(self, error: OSError) -> None:
+        log.error(
+            "[{connection_id}] cannot read the spool back: {error}; the connection is ended",
+            connection_id=self._record.connectionID,
+            error=error.strerror or str(error),
+            errno=error.errno,
+        )
+        self.discard()
+        self._failed()
