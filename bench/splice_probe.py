@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import closewatch_bench as b  # noqa: E402
+import closewatch_bench as b
 
 CHUNK = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -220,10 +220,10 @@ def main() -> int:
                 if r["ok"]:
                     results.setdefault(mode, []).append(r["mb_per_s"])
                     results.setdefault(mode + " cpu", []).append(r["server_cpu_ms_per_mib"])
+                failed = "" if r["ok"] else " FAILED " + str(r["error"])
                 print(f"rep {rep} {mode:11s}: {b.fmt(r['mb_per_s'], 0)} MB/s, relay CPU "
                       f"{b.fmt(r['server_cpu_ms_per_mib'], 2)} ms/MiB, peak RSS "
-                      f"{r['peak_rss_mb_sampled']:.1f} MB{'' if r['ok'] else ' FAILED ' + str(r['error'])}",
-                      flush=True)
+                      f"{r['peak_rss_mb_sampled']:.1f} MB{failed}", flush=True)
             finally:
                 proc.kill()
                 proc.wait()

@@ -106,14 +106,15 @@ class SpoolBudget:
         self.inUse = 0
         self.spooled = 0
 
-    def reserve(self, size: int) -> bool:
+    def reserve(self, size: int) -> int:
         """
-        Charge C{size} bytes, if the total allows it.
+        Charge up to C{size} bytes, as many as the total allows.
+
+        @return: how many were charged.
         """
-        if self.inUse + size > self.total:
-            return False
-        self.inUse += size
-        return True
+        granted = max(min(size, self.total - self.inUse), 0)
+        self.inUse += granted
+        return granted
 
     def release(self, size: int) -> None:
         self.inUse -= size
@@ -153,20 +154,20 @@ class SpoolFile:
             fewer than all because of an error, L{error} says which.
         """
         self.error = None
-        if self.size + len(data) > self._capacity:
-            return 0
-        view = memoryview(data)
+        view = memoryview(data)[: self._capacity - self.size]
         taken = 0
         while taken < len(view):
             tail = (self._head + self.size) % self._capacity
             piece = view[taken : taken + self._capacity - tail]
-            end = tail + len(piece)
-            if end > self._length:
+            growth = tail + len(piece) - self._length
+            if growth > 0:
                 # Charged before it is written, so never less than the file
                 # holds (more, until it is emptied, if the write fails).
-                if not self._budget.reserve(end - self._length):
+                granted = self._budget.reserve(growth)
+                self._length += granted
+                piece = piece[: len(piece) - growth + granted]
+                if not piece:
                     break
-                self._length = end
             try:
                 written = os.pwrite(self._fd, piece, tail)
             except OSError as e:

@@ -21,6 +21,7 @@ from twisted_closewatch.closewatch import ICloseWatch
 from twisted_closewatch.config import Config
 from twisted_closewatch.record import ConnectionRecord, EndReason
 from twisted_closewatch.relay import Relay, SpawnFailed, connect
+from twisted_closewatch.spool import SpoolBudget
 from twisted_closewatch.worker import IWorker, IWorkerSink
 
 
@@ -50,6 +51,11 @@ class FakeWorker:
     pid = 4242
     #: Whether a kill leaves it dying (C{SIGKILL}), not in a grace period.
     dying = True
+    #: Like a process transport's C{bufferSize}: written and not read past
+    #: this pauses the producer (if set).
+    stdinLimit: int | None = None
+    #: How much of C{stdin} the worker has read.
+    consumed = 0
 
     def __init__(self, sink: IWorkerSink, actions: list[str]) -> None:
         self.sink = sink
@@ -62,6 +68,15 @@ class FakeWorker:
 
     def write(self, data: bytes) -> None:
         self.stdin += data
+        if self.stdinLimit is not None and len(self.stdin) - self.consumed > self.stdinLimit:
+            self.stdinFull()
+
+    def readsAll(self) -> None:
+        """
+        The worker reads what was written: its stdin is drained.
+        """
+        self.consumed = len(self.stdin)
+        self.stdinDrained()
 
     def closeStdin(self) -> None:
         self.stdinClosed = True
@@ -191,6 +206,7 @@ class Harness:
         transport: HalfCloseableTransport | None = None,
         clock: MemoryReactorClock | None = None,
         aftermath: Aftermath | None = None,
+        spool: SpoolBudget | None = None,
         **config: Any,
     ) -> None:
         """
@@ -198,6 +214,7 @@ class Harness:
             relays of one server.
         """
         self._dying = dying
+        self._spool = spool
         self._reapedWhileSpawning = reapedWhileSpawning
         self.actions: list[str] = []
         self.clock = MemoryReactorClock() if clock is None else clock
@@ -231,6 +248,7 @@ class Harness:
             self._startWorker,
             self.ended.append,
             self.aftermath,
+            self._spool,
         )
 
     def _connect(self, client: IClient) -> IClientEvents:

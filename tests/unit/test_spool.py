@@ -1,0 +1,383 @@
+"""
+The spool's logic, against real temporary files and a fake worker: the
+ring's order, the budget's accounting, feeding the worker in order, the
+client paused at the limits and on errors (logged once), EOF after the
+spool under C{--half-close forward}.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+
+from twisted.internet.error import ConnectionLost
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.fakes import Harness
+from twisted_closewatch.config import Config
+from twisted_closewatch.record import EndReason
+from twisted_closewatch.relay import State
+from twisted_closewatch.spool import (
+    InputState,
+    SpoolBudget,
+    SpoolFile,
+    budgetFor,
+    openUnlinked,
+)
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """
+    C{size} bytes whose order shows: a counter, not a repeated byte.
+    """
+    return bytes((seed + i * 7 + i // 251) % 256 for i in range(size))
+
+
+class _Budget(SpoolBudget):
+    """
+    A budget whose files are opened with C{flags} (a file that cannot be
+    written or read back, to get the kernel's errors).
+    """
+
+    def __init__(self, directory: str, perConnection: int, total: int, flags: int) -> None:
+        super().__init__(directory, perConnection, total)
+        self._flags = flags
+
+    def open(self) -> SpoolFile:
+        path = os.path.join(self.directory, "readonly")
+        with open(path, "wb"):
+            pass
+        fd = os.open(path, self._flags)
+        os.unlink(path)
+        return SpoolFile(fd, self)
+
+
+class SpoolFileTests(SynchronousTestCase):
+    """
+    One connection's file: a ring, charged to the server's budget.
+    """
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="closewatch-spool-test-")
+        self.addCleanup(os.rmdir, self.directory)
+
+    def spool(self, perConnection: int = 100, total: int = 1000) -> SpoolFile:
+        self.budget = SpoolBudget(self.directory, perConnection, total)
+        return self.budget.open()
+
+    def test_unlinkedAndCloseOnExec(self) -> None:
+        """
+        The file has no name from the start, and no worker inherits it.
+        """
+        fd = openUnlinked(self.directory)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(os.fstat(fd).st_nlink, 0)
+        self.assertEqual(os.listdir(self.directory), [])
+        self.assertTrue(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+
+    def test_orderAcrossTheRingsEnd(self) -> None:
+        """
+        Written and read in pieces that wrap around the end of the ring,
+        the bytes come back in the order they were written.
+        """
+        spool = self.spool(perConnection=100)
+        self.addCleanup(spool.close)
+        data = pattern(1000)
+        written = read = 0
+        out = b""
+        while read < len(data):
+            written += spool.append(data[written : written + 37]) if written < len(data) else 0
+            chunk = spool.read(23)
+            read += len(chunk)
+            out += chunk
+        self.assertEqual(out, data)
+        self.assertEqual(spool.size, 0)
+        self.assertLessEqual(os.fstat(spool._fd).st_size, 100)
+
+    def test_perConnectionLimit(self) -> None:
+        """
+        A write is taken up to the spool's limit, no further.
+        """
+        spool = self.spool(perConnection=100)
+        self.addCleanup(spool.close)
+        self.assertEqual(spool.append(b"a" * 90), 90)
+        self.assertEqual(spool.append(b"b" * 11), 10)
+        self.assertIsNone(spool.error)
+        self.assertEqual(spool.append(b"c"), 0)
+        self.assertEqual(spool.read(200), b"a" * 90 + b"b" * 10)
+        self.assertEqual(spool.append(b"c" * 10), 10)
+        self.assertEqual(spool.read(200), b"c" * 10)
+
+    def test_budgetChargesTheFilesLength(self) -> None:
+        """
+        The budget is charged for what the files hold on disk, shared by
+        every file, and given back when a file is emptied or closed.
+        """
+        first = self.spool(perConnection=100, total=150)
+        second = self.budget.open()
+        self.assertEqual(first.append(b"x" * 100), 100)
+        self.assertEqual(self.budget.inUse, 100)
+        # Read back, but still on disk: still charged.
+        first.read(100)
+        self.assertEqual(self.budget.inUse, 100)
+        self.assertEqual(second.append(b"y" * 80), 50)
+        self.assertEqual(self.budget.inUse, 150)
+        first.empty()
+        self.assertEqual(os.fstat(first._fd).st_size, 0)
+        self.assertEqual(self.budget.inUse, 50)
+        self.assertEqual(second.append(b"z" * 30), 30)
+        self.assertEqual(second.read(100), b"y" * 50 + b"z" * 30)
+        first.close()
+        second.close()
+        self.assertEqual(self.budget.inUse, 0)
+        self.assertEqual(self.budget.spooled, 180)
+
+    def test_writeError(self) -> None:
+        """
+        A write the kernel refuses takes nothing, says why, and charges
+        nothing once the file is emptied.
+        """
+        budget = _Budget(self.directory, 100, 1000, os.O_RDONLY)
+        spool = budget.open()
+        self.assertEqual(spool.append(b"data"), 0)
+        assert spool.error is not None
+        self.assertEqual(spool.error.errno, errno.EBADF)
+        spool.close()
+        self.assertEqual(budget.inUse, 0)
+
+    def test_budgetFor(self) -> None:
+        """
+        A server spools unless C{--spool-max} or C{--spool-total} is 0.
+        """
+        budget = budgetFor(Config(argv=("/bin/cat",), spoolDir=self.directory))
+        assert budget is not None
+        self.assertEqual(
+            (budget.directory, budget.perConnection, budget.total),
+            (self.directory, 64 * 1024**2, 1024**3),
+        )
+        self.assertIsNone(budgetFor(Config(argv=("/bin/cat",), spoolMax=0)))
+        self.assertIsNone(budgetFor(Config(argv=("/bin/cat",), spoolTotal=0)))
+
+
+class SpooledInputTests(SynchronousTestCase):
+    """
+    A relay whose worker stops reading spools what its client sends, and
+    feeds it to the worker in order.
+    """
+
+    READ_AHEAD = 4096
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="closewatch-spool-test-")
+        self.addCleanup(os.rmdir, self.directory)
+        self.events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def harness(
+        self, budget: SpoolBudget | None = None, perConnection: int = 10_000, **config: object
+    ) -> Harness:
+        if budget is None:
+            budget = SpoolBudget(self.directory, perConnection, 100_000)
+        self.budget = budget
+        h = Harness(spool=budget, readAhead=self.READ_AHEAD, **config)
+        h.worker.stdinLimit = 1000
+        return h
+
+    def send(self, h: Harness, data: bytes, size: int = 300) -> None:
+        for offset in range(0, len(data), size):
+            h.client.dataReceived(data[offset : offset + size])
+
+    def warnings(self) -> list[dict[str, object]]:
+        return [e for e in self.events if e.get("log_level") in (LogLevel.warn, LogLevel.error)]
+
+    def test_spooledInOrder(self) -> None:
+        """
+        Past a full stdin the client is still read; the worker gets every
+        byte, in order, as it reads, and the spool is given back once empty.
+        """
+        h = self.harness()
+        data = pattern(9000)
+        self.send(h, data)
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertLess(len(h.worker.stdin), 1400)
+        self.assertEqual(h.record.bytesIn, 9000)
+        self.assertGreater(self.budget.inUse, 0)
+        for _ in range(100):
+            h.worker.readsAll()
+            if h.relay._input.state is InputState.DIRECT:
+                break
+        self.assertEqual(h.worker.stdin, data)
+        self.assertEqual(self.budget.inUse, 0)
+        self.assertIs(h.relay._input.state, InputState.DIRECT)
+        self.assertEqual(h.record.bytesSpooled, self.budget.spooled)
+        self.assertGreater(h.record.bytesSpooled, 0)
+
+    def test_feedIsBounded(self) -> None:
+        """
+        The worker is fed from the spool only until its stdin is full again:
+        the spool is never read into memory whole.
+        """
+        h = self.harness()
+        self.send(h, pattern(9000))
+        before = len(h.worker.stdin)
+        h.worker.readsAll()
+        self.assertLessEqual(len(h.worker.stdin) - h.worker.consumed, 1000 + 64 * 1024)
+        self.assertLess(len(h.worker.stdin) - before, 9000)
+
+    def test_newBytesWaitBehindTheSpool(self) -> None:
+        """
+        What the client sends while the spool is being fed goes behind it.
+        """
+        h = self.harness()
+        first, second = pattern(5000, 1), pattern(5000, 2)
+        self.send(h, first)
+        h.worker.readsAll()
+        self.send(h, second)
+        for _ in range(100):
+            h.worker.readsAll()
+        self.assertEqual(h.worker.stdin, first + second)
+
+    def test_limitPausesThenResumes(self) -> None:
+        """
+        Past C{--spool-max} the client is paused, what it sent held in
+        order; once the worker has read everything, it is read again.
+        """
+        h = self.harness(perConnection=2000)
+        data = pattern(6000)
+        self.send(h, data)
+        self.assertEqual(h.transport.producerState, "paused")
+        self.assertIs(h.relay._input.state, InputState.PAUSED)
+        for _ in range(100):
+            if h.transport.producerState == "producing":
+                break
+            h.worker.readsAll()
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertEqual(h.worker.stdin, data)
+        self.assertEqual(self.warnings(), [])
+
+    def test_budgetExhaustedPauses(self) -> None:
+        """
+        A server-wide budget used up by others pauses the client, too.
+        """
+        budget = SpoolBudget(self.directory, 10_000, 1500)
+        budget.reserve(1000)
+        h = self.harness(budget)
+        data = pattern(4000)
+        self.send(h, data)
+        self.assertEqual(h.transport.producerState, "paused")
+        for _ in range(100):
+            h.worker.readsAll()
+        self.assertEqual(h.worker.stdin, data)
+        self.assertEqual(budget.inUse, 1000)
+
+    def test_writeErrorPausesAndIsLoggedOnce(self) -> None:
+        """
+        A spool the disk refuses pauses the client, loses and reorders
+        nothing, and is logged once for the connection however often it
+        recurs.
+        """
+        h = self.harness(_Budget(self.directory, 10_000, 100_000, os.O_RDONLY))
+        data = pattern(3000, 3) + pattern(3000, 4)
+        self.send(h, data[:3000])
+        self.assertEqual(h.transport.producerState, "paused")
+        for _ in range(10):
+            h.worker.readsAll()
+        self.send(h, data[3000:])
+        for _ in range(10):
+            h.worker.readsAll()
+        self.assertEqual(h.worker.stdin, data)
+        self.assertEqual(h.transport.producerState, "producing")
+        warnings = self.warnings()
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["errno"], errno.EBADF)
+
+    def test_noDirectoryPauses(self) -> None:
+        """
+        A spool file that cannot be made (the directory is gone) pauses the
+        client, and is logged once.
+        """
+        h = self.harness(SpoolBudget(os.path.join(self.directory, "gone"), 10_000, 100_000))
+        data = pattern(3000)
+        self.send(h, data)
+        self.assertEqual(h.transport.producerState, "paused")
+        for _ in range(10):
+            h.worker.readsAll()
+        self.assertEqual(h.worker.stdin, data)
+        self.assertEqual([e["errno"] for e in self.warnings()], [errno.ENOENT])
+
+    def test_readErrorEndsTheConnection(self) -> None:
+        """
+        Spooled bytes that cannot be read back are lost: the worker is
+        killed rather than given its input with a hole in it.
+        """
+        h = self.harness(_Budget(self.directory, 10_000, 100_000, os.O_WRONLY))
+        self.send(h, pattern(3000))
+        h.worker.readsAll()
+        self.assertEqual(h.worker.kills, 1)
+        self.assertIs(h.relay.state, State.KILLED)
+        self.assertEqual(h.record.reason, EndReason.SPOOL_ERROR)
+        self.assertEqual(self.budget.inUse, 0)
+
+    def test_forwardEOFAfterTheSpool(self) -> None:
+        """
+        Under C{--half-close forward} the worker's EOF comes after all that
+        was spooled.
+        """
+        h = self.harness(halfClose="forward")
+        data = pattern(5000)
+        self.send(h, data)
+        h.client.readConnectionLost()
+        self.assertFalse(h.worker.stdinClosed)
+        for _ in range(100):
+            if h.worker.stdinClosed:
+                break
+            h.worker.readsAll()
+        self.assertTrue(h.worker.stdinClosed)
+        self.assertEqual(h.worker.stdin, data)
+
+    def test_finBehindTheSpoolKills(self) -> None:
+        """
+        Under C{--half-close kill} a FIN read behind spooled bytes kills at
+        once, and the spool is given back.
+        """
+        h = self.harness()
+        self.send(h, pattern(5000))
+        h.client.readConnectionLost()
+        self.assertEqual(h.worker.kills, 1)
+        self.assertEqual(self.budget.inUse, 0)
+
+    def test_workerClosesStdin(self) -> None:
+        """
+        A worker that closes its stdin drops the spool, and the client is
+        read again so that its close is seen.
+        """
+        h = self.harness(perConnection=2000)
+        self.send(h, pattern(6000))
+        h.worker.stdinClosedByWorker()
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertEqual(self.budget.inUse, 0)
+        h.client.dataReceived(b"dropped")
+        self.assertEqual(self.budget.inUse, 0)
+
+    def test_clientGoneGivesTheSpoolBack(self) -> None:
+        h = self.harness()
+        self.send(h, pattern(5000))
+        h.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.budget.inUse, 0)
+
+    def test_noSpoolPausesAtOnce(self) -> None:
+        """
+        Without spooling, a full stdin pauses the client at once, as before.
+        """
+        h = Harness(readAhead=self.READ_AHEAD)
+        h.worker.stdinLimit = 1000
+        self.send(h, pattern(3000))
+        self.assertEqual(h.transport.producerState, "paused")
+        h.worker.readsAll()
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertEqual(h.worker.stdin, pattern(3000))
