@@ -63,9 +63,11 @@ def sendBacklog(sock: socket.socket, total: int = BACKLOG) -> None:
 class PausedTests(TestCase):
     """
     A client paused because its worker does not read is still watched.
+    Without a spool (C{--spool-max 0}) the client is paused past the
+    read-ahead, as it is past the spool's limits with one.
     """
 
-    args: tuple[str, ...] = ("--read-ahead", "64k")
+    args: tuple[str, ...] = ("--read-ahead", "64k", "--spool-max", "0")
     command: tuple[str, ...] = tuple(PID_WORKER)
 
     def setUp(self) -> None:
@@ -116,7 +118,7 @@ class PausedForwardTests(TestCase):
         the worker reads every byte, then EOF, and its answer gets back.
         """
         server = Server(
-            ["--read-ahead", "64k", "--half-close", "forward"],
+            ["--read-ahead", "64k", "--spool-max", "0", "--half-close", "forward"],
             ["/bin/sh", "-c", "echo ready; sleep 1; wc -c"],
         )
         self.addCleanup(server.cleanup)
@@ -137,8 +139,9 @@ class MemoryTests(TestCase):
 
     def test_clientFloodsNonReader(self) -> None:
         """
-        64 MiB sent at a worker that never reads: the client stalls and the
-        server's memory grows by far less than 64 MiB.
+        128 MiB sent at a worker that never reads: the client stalls (past
+        the default spool's 64 MiB on disk) and the server's memory grows
+        by far less than 64 MiB.
         """
         server = Server([], PID_WORKER)
         self.addCleanup(server.cleanup)
@@ -148,11 +151,11 @@ class MemoryTests(TestCase):
         sent = 0
         chunk = b"f" * 65536
         try:
-            while sent < 64 * 1024 * 1024:
+            while sent < 128 * 1024 * 1024:
                 sent += sock.send(chunk)
         except TimeoutError:
             pass
-        self.assertLess(sent, 64 * 1024 * 1024, "nothing ever pushed back")
+        self.assertLess(sent, 128 * 1024 * 1024, "nothing ever pushed back")
         self.assertLess(rssKiB(server.pid) - before, self.LIMIT_KIB)
         # A FIN would wait in the client's own send queue behind the unsent
         # data (zero window); a reset is sent at once.
