@@ -132,6 +132,11 @@ BAD_OPTIONS = [
     (["--metrics", "tcp:bogus"], "--metrics 'tcp:bogus'"),
     (["--metrics", ""], "--metrics ''"),
     (["--metrics", "tcp:70000"], "--metrics 'tcp:70000'"),
+    (["--spool-max", "1.5k"], "not a size"),
+    (["--spool-max", "1025g"], "--spool-max must be at most 1024g"),
+    (["--spool-total", "64x"], "not a size"),
+    (["--spool-dir", "/nonexistent/spool"], "--spool-dir is not a directory"),
+    (["--spool-dir", "/etc/passwd"], "--spool-dir is not a directory"),
 ]
 
 #: One case of each kind, run through the real twistd.

@@ -231,6 +231,8 @@ def parseDirectory(text: str) -> str:
     A directory, made absolute: the server may change its working directory
     (C{twistd} without C{-n} goes to C{/}).
     """
+    if not text.strip():
+        raise InvalidSetting("{value}: {option} is not a directory", text)
     return os.path.abspath(text)
 
 
