@@ -90,6 +90,8 @@ def relay(mode: str, port: int, worker: list[str]) -> None:
                     n = len(pendingUp)
             except BlockingIOError:
                 return True
+            except BrokenPipeError:  # the worker exited (`head`, direction down)
+                n = 0
             if n == 0:
                 upOpen = False
                 os.close(inW)
