@@ -161,7 +161,13 @@ class Relay:
         try:
             self._pacing = Pacing(client, self.worker, self._liveness)
             self._input = SpooledInput(
-                self.worker, self._pacing, record, spool, self._spoolFailed
+                self.worker,
+                client,
+                self._pacing,
+                record,
+                spool,
+                self._spoolFailed,
+                config.clientReadSize,
             )
             self._departure = ClientDeparture(
                 client.probe, config, closeWatch, self._leave, self._pacing.clientReadsItsClose

@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_closewatch.client import IClient
 from twisted_closewatch.config import Config
 from twisted_closewatch.pacing import Pacing
 from twisted_closewatch.record import ConnectionRecord
@@ -44,6 +45,12 @@ log = Logger()
 
 #: The most read from a spool file at once, to feed the worker.
 FEED_SIZE = 64 * 1024
+
+#: The most read from a client at once while its bytes go to the spool (and
+#: no more than the read-ahead): larger reads than the relay's own (a quarter
+#: of the read-ahead) make a FIN behind a backlog reached sooner, and hold
+#: nothing in memory but the read itself.
+SPOOL_READ_SIZE = 1024 * 1024
 
 #: What C{open(O_TMPFILE)} fails with where the file system does not support it.
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
@@ -78,7 +85,12 @@ def budgetFor(config: Config) -> SpoolBudget | None:
     """
     if config.direct or not (config.spoolMax and config.spoolTotal):
         return None
-    return SpoolBudget(config.spoolDir, config.spoolMax, config.spoolTotal)
+    return SpoolBudget(
+        config.spoolDir,
+        config.spoolMax,
+        config.spoolTotal,
+        max(min(config.readAhead, SPOOL_READ_SIZE), config.clientReadSize),
+    )
 
 
 class SpoolBudget:
@@ -94,15 +106,20 @@ class SpoolBudget:
     @ivar spooled: bytes ever written to a spool file.
     """
 
-    def __init__(self, directory: str, perConnection: int, total: int) -> None:
+    def __init__(
+        self, directory: str, perConnection: int, total: int, readSize: int = 64 * 1024
+    ) -> None:
         """
         @param directory: where the files are made.
         @param perConnection: the most one connection's spool holds.
         @param total: the most all of them hold together.
+        @param readSize: the most read from a client at once while it is
+            spooled.
         """
         self.directory = directory
         self.perConnection = perConnection
         self.total = total
+        self.readSize = readSize
         self.inUse = 0
         self.spooled = 0
 
@@ -238,6 +255,8 @@ class SpooledInput:
 
     @param failed: called if spooled bytes cannot be read back: they are
         lost, and the connection cannot go on.
+    @param readSize: the most read from the client at once when its bytes
+        are not spooled (L{SpoolBudget.readSize} when they are).
     """
 
     state = InputState.DIRECT
@@ -248,12 +267,16 @@ class SpooledInput:
     def __init__(
         self,
         worker: IWorker,
+        client: IClient,
         pacing: Pacing,
         record: ConnectionRecord,
         budget: SpoolBudget | None,
         failed: Callable[[], None],
+        readSize: int,
     ) -> None:
         self._worker = worker
+        self._client = client
+        self._readSize = readSize
         self._pacing = pacing
         self._record = record
         self._budget = budget
@@ -309,6 +332,7 @@ class SpooledInput:
                 self._pause()
             else:
                 self.state = InputState.SPOOLING
+                self._client.setReadSize(self._budget.readSize)
 
     def resumeProducing(self) -> None:
         """
@@ -375,6 +399,7 @@ class SpooledInput:
             self._spool.empty()
         if self.state is InputState.PAUSED:
             self._pacing.resumeClient()
+        self._client.setReadSize(self._readSize)
         self.state = InputState.DIRECT
         if self._eofPending:
             self._worker.closeStdin()

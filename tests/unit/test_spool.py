@@ -381,3 +381,29 @@ class SpooledInputTests(SynchronousTestCase):
         h.worker.readsAll()
         self.assertEqual(h.transport.producerState, "producing")
         self.assertEqual(h.worker.stdin, pattern(3000))
+
+    def test_largerReadsWhileSpooling(self) -> None:
+        """
+        While the client's bytes go to the spool it is read in larger
+        pieces (they are not held in memory), and in the relay's own size
+        again once they go to the worker.
+        """
+        budget = SpoolBudget(self.directory, 10_000, 100_000, readSize=4096)
+        h = self.harness(budget)
+        self.assertEqual(h.transport.bufferSize, 1024)
+        self.send(h, pattern(3000))
+        self.assertEqual(h.transport.bufferSize, 4096)
+        for _ in range(100):
+            h.worker.readsAll()
+        self.assertEqual(h.transport.bufferSize, 1024)
+
+    def test_spoolReadSize(self) -> None:
+        """
+        The spool's read size is the read-ahead, at most 1 MiB, never less
+        than the relay's own.
+        """
+        sizes = [
+            budgetFor(Config(argv=("/bin/cat",), readAhead=readAhead)).readSize  # type: ignore[union-attr]
+            for readAhead in (4096, 256 * 1024, 64 * 1024**2)
+        ]
+        self.assertEqual(sizes, [4096, 256 * 1024, 1024**2])
