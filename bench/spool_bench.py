@@ -145,7 +145,8 @@ def ioCosts(directory: str, mib: int) -> dict:
         spool.close()
 
     def dist(xs: list[float]) -> str:
-        return f"p50 {b.percentile(xs, 50):.0f} µs, p99 {b.percentile(xs, 99):.0f} µs, max {max(xs):.0f} µs"
+        p50, p99 = b.percentile(xs, 50), b.percentile(xs, 99)
+        return f"p50 {p50:.0f} µs, p99 {p99:.0f} µs, max {max(xs):.0f} µs"
 
     return {"pwrite": dist(writes), "pread": dist(reads), "ftruncate_us": truncate}
 
@@ -190,8 +191,8 @@ def main() -> int:
                     finally:
                         b.stopServer(server)
                     results.setdefault((name, n, mib), []).append(r)
-                    print(f"run {run} {n:3d} x {mib:4d} MiB {name:8s}: killed {r['killed']}/{r['connections']}"
-                          f" p50 {b.fmt(r['p50'])} p99 {b.fmt(r['p99'])} ms, server peak RSS "
+                    print(f"run {run} {n:3d} x {mib:4d} MiB {name:8s}: killed "
+                          f"{r['killed']}/{r['connections']} p50 {b.fmt(r['p50'])} p99 {b.fmt(r['p99'])} ms, server peak RSS "
                           f"{r['rss_mb']:.1f} MB, least sent {b.fmt(r['sent_min_mib'], 1)} MiB, "
                           f"survivors' server state {r['survivor_states']}", flush=True)
                     leftover = os.listdir(spoolDir)

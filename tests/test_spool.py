@@ -34,6 +34,7 @@ from tests.support import (
 )
 
 MiB = 1024 * 1024
+METRICS = ["--metrics", "tcp:0:interface=127.0.0.1"]
 
 #: Says its pid, reads nothing until it gets SIGUSR1, then reads its stdin
 #: to the end and says how many bytes it read and their CRC-32.
@@ -201,9 +202,7 @@ class SpoolTests(TestCase):
         Past C{--spool-max} the client is paused: its spool holds no more,
         and nothing it sent is lost.
         """
-        server = self.server(
-            ["--half-close", "forward", "--spool-max", "1m", "--metrics", "tcp:0:interface=127.0.0.1"]
-        )
+        server = self.server(["--half-close", "forward", "--spool-max", "1m", *METRICS])
         sock, pid = server.connectWorker()
         data = payload(32 * MiB, 2)
         sender = Sender(sock, data)
@@ -221,9 +220,7 @@ class SpoolTests(TestCase):
         of non-reading workers are paused with at most that much on disk,
         and both workers get all their bytes.
         """
-        server = self.server(
-            ["--half-close", "forward", "--spool-total", "1m", "--metrics", "tcp:0:interface=127.0.0.1"]
-        )
+        server = self.server(["--half-close", "forward", "--spool-total", "1m", *METRICS])
         connections = []
         for seed in (3, 4):
             sock, pid = server.connectWorker()

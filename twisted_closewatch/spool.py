@@ -46,10 +46,10 @@ log = Logger()
 #: The most read from a spool file at once, to feed the worker.
 FEED_SIZE = 64 * 1024
 
-#: The most read from a client at once while its bytes go to the spool (and
-#: no more than the read-ahead): larger reads than the relay's own (a quarter
-#: of the read-ahead) make a FIN behind a backlog reached sooner, and hold
-#: nothing in memory but the read itself.
+#: The most read from a client at once while its bytes go to the spool, and
+#: no more than its spool has room for: reads larger than the relay's own (a
+#: quarter of the read-ahead) reach a FIN behind a backlog about three times
+#: sooner (see C{bench/README.md}), and hold nothing in memory but the read.
 SPOOL_READ_SIZE = 1024 * 1024
 
 #: What C{open(O_TMPFILE)} fails with where the file system does not support it.
@@ -85,12 +85,7 @@ def budgetFor(config: Config) -> SpoolBudget | None:
     """
     if config.direct or not (config.spoolMax and config.spoolTotal):
         return None
-    return SpoolBudget(
-        config.spoolDir,
-        config.spoolMax,
-        config.spoolTotal,
-        max(min(config.readAhead, SPOOL_READ_SIZE), config.clientReadSize),
-    )
+    return SpoolBudget(config.spoolDir, config.spoolMax, config.spoolTotal)
 
 
 class SpoolBudget:
@@ -107,7 +102,7 @@ class SpoolBudget:
     """
 
     def __init__(
-        self, directory: str, perConnection: int, total: int, readSize: int = 64 * 1024
+        self, directory: str, perConnection: int, total: int, readSize: int = SPOOL_READ_SIZE
     ) -> None:
         """
         @param directory: where the files are made.
@@ -194,6 +189,14 @@ class SpoolFile:
             self.size += written
         self._budget.spooled += taken
         return taken
+
+    def room(self) -> int:
+        """
+        About how much more it takes now: its own limit, and the server's
+        budget beside the space it is charged for already.
+        """
+        free = self._budget.total - self._budget.inUse + self._length - self.size
+        return max(min(self._capacity - self.size, free), 0)
 
     def read(self, size: int) -> bytes:
         """
@@ -332,7 +335,7 @@ class SpooledInput:
                 self._pause()
             else:
                 self.state = InputState.SPOOLING
-                self._client.setReadSize(self._budget.readSize)
+                self._readForSpool()
 
     def resumeProducing(self) -> None:
         """
@@ -378,6 +381,19 @@ class SpooledInput:
         if taken < len(data):
             self._held.append(data[taken:])
             self._pause()
+        else:
+            self._readForSpool()
+
+    def _readForSpool(self) -> None:
+        """
+        Read the client in pieces as large as the spool takes, so that what
+        a limit leaves over to hold in memory is one of the relay's own reads.
+        """
+        assert self._budget is not None
+        size = self._budget.readSize
+        if self._spool is not None:
+            size = min(size, self._spool.room())
+        self._client.setReadSize(max(size, self._readSize))
 
     def _open(self) -> SpoolFile | None:
         assert self._budget is not None

@@ -397,13 +397,19 @@ class SpooledInputTests(SynchronousTestCase):
             h.worker.readsAll()
         self.assertEqual(h.transport.bufferSize, 1024)
 
-    def test_spoolReadSize(self) -> None:
+    def test_readsNoMoreThanTheSpoolTakes(self) -> None:
         """
-        The spool's read size is the read-ahead, at most 1 MiB, never less
-        than the relay's own.
+        Near its limit, the client is read in pieces the spool still takes,
+        never smaller than the relay's own reads.
         """
-        sizes = [
-            budgetFor(Config(argv=("/bin/cat",), readAhead=readAhead)).readSize  # type: ignore[union-attr]
-            for readAhead in (4096, 256 * 1024, 64 * 1024**2)
-        ]
-        self.assertEqual(sizes, [4096, 256 * 1024, 1024**2])
+        budget = SpoolBudget(self.directory, 5000, 100_000, readSize=4096)
+        h = self.harness(budget)
+        # 1200 to the worker (past its limit), 1200 spooled of 5000.
+        self.send(h, pattern(2400), 1200)
+        self.assertEqual(h.transport.bufferSize, 3800)
+        self.send(h, pattern(2500), 2500)
+        self.assertEqual(h.transport.bufferSize, 1300)
+        self.send(h, pattern(1300), 1300)
+        self.assertEqual(h.transport.bufferSize, 1024)
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertEqual(budgetFor(Config(argv=("/bin/cat",))).readSize, 1024**2)  # type: ignore[union-attr]
