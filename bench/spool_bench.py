@@ -192,7 +192,8 @@ def main() -> int:
                         b.stopServer(server)
                     results.setdefault((name, n, mib), []).append(r)
                     print(f"run {run} {n:3d} x {mib:4d} MiB {name:8s}: killed "
-                          f"{r['killed']}/{r['connections']} p50 {b.fmt(r['p50'])} p99 {b.fmt(r['p99'])} ms, server peak RSS "
+                          f"{r['killed']}/{r['connections']} p50 {b.fmt(r['p50'])} "
+                          f"p99 {b.fmt(r['p99'])} ms, server peak RSS "
                           f"{r['rss_mb']:.1f} MB, least sent {b.fmt(r['sent_min_mib'], 1)} MiB, "
                           f"survivors' server state {r['survivor_states']}", flush=True)
                     leftover = os.listdir(spoolDir)

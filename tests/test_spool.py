@@ -258,9 +258,7 @@ class SpoolTests(TestCase):
         self.checkDelivered(sock, pid, data)
         sender.join(10)
         server.endOf(1)
-        warnings = [
-            e for e in server.events() if e.get("namespace") == "twisted_closewatch.spool"
-        ]
+        warnings = [e for e in server.events() if e.get("namespace") == "twisted_closewatch.spool"]
         self.assertEqual(len(warnings), 1, warnings)
         self.assertIn("No space left on device", warnings[0]["text"])
         self.assertEqual(os.listdir(self.spoolDir), [])
