@@ -212,6 +212,7 @@ class Relay:
         self._departure.close()
         self._liveness.stop()
         self._pacing.clientDisconnected()
+        self._input.discard()
         if self.state is State.KILLED or self.state is State.CLIENT_GONE:
             self.state = State.WORKER_EXITING
         elif self.state in (State.LINGERING, State.CLOSING, State.REAPED):
@@ -299,7 +300,7 @@ class Relay:
                 self.state = State.CLIENT_GONE
             self.record.reason = reason()
             self._liveness.stop()
-            self._input.discard()
+            self._input.stop()
         return self.state
 
     def _killed(self) -> None:
@@ -327,6 +328,7 @@ class Relay:
         self.state = State.CLOSING if self.state is State.REAPED else State.CLIENT_GONE
         self._departure.unwatch()
         self._pacing.detachWorkerOutput()
+        self._input.discard()
         if self.record.reason in CLOSE_GRACEFULLY:
             self._client.closeGracefully()
         else:

@@ -313,12 +313,21 @@ class SpooledInput:
         elif self.state is not InputState.CLOSED:
             self._eofPending = True
 
-    def discard(self) -> None:
+    def stop(self) -> None:
         """
-        Nothing more goes to the worker: drop the spool and what is held.
+        Nothing more goes to the worker: drop what is held, and neither
+        feed the worker nor read the client again.  Cheap: the spool file
+        is given back by L{discard}, later (its truncation takes about a
+        millisecond per 10 MiB).
         """
         self.state = InputState.CLOSED
         self._held.clear()
+
+    def discard(self) -> None:
+        """
+        L{stop}, and give the spool file back.
+        """
+        self.stop()
         if self._spool is not None:
             spool, self._spool = self._spool, None
             spool.close()

@@ -343,12 +343,13 @@ class SpooledInputTests(SynchronousTestCase):
     def test_finBehindTheSpoolKills(self) -> None:
         """
         Under C{--half-close kill} a FIN read behind spooled bytes kills at
-        once, and the spool is given back.
+        once, and the spool is given back once the worker is reaped.
         """
         h = self.harness()
         self.send(h, pattern(5000))
         h.client.readConnectionLost()
         self.assertEqual(h.worker.kills, 1)
+        h.reap()
         self.assertEqual(self.budget.inUse, 0)
 
     def test_workerClosesStdin(self) -> None:
@@ -413,3 +414,22 @@ class SpooledInputTests(SynchronousTestCase):
         self.assertEqual(h.transport.bufferSize, 1024)
         self.assertEqual(h.transport.producerState, "producing")
         self.assertEqual(budgetFor(Config(argv=("/bin/cat",))).readSize, 1024**2)  # type: ignore[union-attr]
+
+    def test_killStopsAndTheDropGivesBack(self) -> None:
+        """
+        A kill stops the input at once (the client is not read, the worker
+        not fed again), and the spool file is given back when the killed
+        worker's connection is dropped, after its reap.
+        """
+        h = self.harness(perConnection=2000)
+        self.send(h, pattern(6000))
+        h.client.readConnectionLost()
+        self.assertIs(h.relay.state, State.KILLED)
+        self.assertIs(h.relay._input.state, InputState.CLOSED)
+        self.assertGreater(self.budget.inUse, 0)
+        before = len(h.worker.stdin)
+        h.worker.readsAll()
+        self.assertEqual(len(h.worker.stdin), before)
+        self.assertEqual(h.transport.producerState, "paused")
+        h.reap()
+        self.assertEqual(self.budget.inUse, 0)
