@@ -166,6 +166,7 @@ class Relay:
                 self._pacing,
                 record,
                 spool,
+                clock,
                 self._spoolFailed,
                 config.clientReadSize,
             )

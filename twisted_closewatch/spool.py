@@ -31,7 +31,7 @@ import tempfile
 from collections import deque
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -45,6 +45,10 @@ log = Logger()
 
 #: The most read from a spool file at once, to feed the worker.
 FEED_SIZE = 64 * 1024
+
+#: Seconds a worker being fed its spool may take no more before its client
+#: is read (and spooled) again.
+DRAIN_PATIENCE = 0.05
 
 #: The most read from a client at once while its bytes go to the spool, and
 #: no more than its spool has room for: reads larger than the relay's own (a
@@ -239,6 +243,11 @@ class InputState(enum.Enum):
     DIRECT = "direct"
     #: To the spool: the worker's stdin is full, or the spool not empty.
     SPOOLING = "spooling"
+    #: The worker reads again: the client is paused while the worker is fed
+    #: the spool, so that a worker that is only slower than its client does
+    #: not have everything pass through the disk.  Back to L{SPOOLING} if
+    #: the worker stops for L{DRAIN_PATIENCE}.
+    DRAINING = "draining"
     #: The client is paused: the stdin is full and the spool cannot take
     #: more (a limit, or the disk); what it still sends waits in memory.
     PAUSED = "paused"
@@ -264,6 +273,7 @@ class SpooledInput:
 
     state = InputState.DIRECT
     _spool: SpoolFile | None = None
+    _patience: IDelayedCall | None = None
     _errorLogged = False
     _eofPending = False
 
@@ -274,10 +284,12 @@ class SpooledInput:
         pacing: Pacing,
         record: ConnectionRecord,
         budget: SpoolBudget | None,
+        clock: IReactorTime,
         failed: Callable[[], None],
         readSize: int,
     ) -> None:
         self._worker = worker
+        self._clock = clock
         self._client = client
         self._readSize = readSize
         self._pacing = pacing
@@ -298,7 +310,7 @@ class SpooledInput:
             self._worker.write(data)
         elif state is InputState.SPOOLING:
             self._spoolOrHold(data)
-        elif state is InputState.PAUSED:
+        elif state is InputState.PAUSED or state is InputState.DRAINING:
             if self._held or (self._spool is not None and self._spool.size):
                 self._held.append(data)
             else:
@@ -322,6 +334,7 @@ class SpooledInput:
         """
         self.state = InputState.CLOSED
         self._held.clear()
+        self._bePatient(False)
 
     def discard(self) -> None:
         """
@@ -343,17 +356,22 @@ class SpooledInput:
             if self._budget is None:
                 self._pause()
             else:
-                self.state = InputState.SPOOLING
-                self._readForSpool()
+                self._spoolAgain()
+        elif self.state is InputState.DRAINING:
+            self._bePatient(True)
 
     def resumeProducing(self) -> None:
         """
         The worker's stdin takes data again: feed it what is spooled, then
-        what is held, and once both are empty take the client's bytes
-        directly again.
+        what is held, the client paused meanwhile, and once both are empty
+        take the client's bytes directly again.
         """
         self._stdinReady = True
-        while self._stdinReady and self.state in (InputState.SPOOLING, InputState.PAUSED):
+        self._bePatient(False)
+        if self.state is InputState.SPOOLING:
+            self.state = InputState.DRAINING
+            self._pacing.pauseClient()
+        while self._stdinReady and self.state in (InputState.DRAINING, InputState.PAUSED):
             spool = self._spool
             if spool is not None and spool.size:
                 try:
@@ -376,6 +394,32 @@ class SpooledInput:
         self._pacing.resumeClient()
 
     # Internals.
+
+    def _spoolAgain(self) -> None:
+        """
+        The worker is not reading: what the client sends goes to the spool,
+        behind what was held while the spool was being fed.
+        """
+        draining = self.state is InputState.DRAINING
+        self.state = InputState.SPOOLING
+        held, self._held = self._held, deque()
+        while held and self.state is InputState.SPOOLING:
+            self._spoolOrHold(held.popleft())
+        self._held.extend(held)
+        if self.state is InputState.SPOOLING:
+            self._readForSpool()
+            if draining:
+                self._pacing.resumeClient()
+
+    def _bePatient(self, waiting: bool) -> None:
+        """
+        Start or stop waiting for a worker being fed its spool to read again.
+        """
+        if self._patience is not None and self._patience.active():
+            self._patience.cancel()
+        self._patience = None
+        if waiting:
+            self._patience = self._clock.callLater(DRAIN_PATIENCE, self._spoolAgain)
 
     def _spoolOrHold(self, data: bytes) -> None:
         taken = 0
@@ -422,7 +466,7 @@ class SpooledInput:
         """
         if self._spool is not None:
             self._spool.empty()
-        if self.state is InputState.PAUSED:
+        if self.state is InputState.PAUSED or self.state is InputState.DRAINING:
             self._pacing.resumeClient()
         self._client.setReadSize(self._readSize)
         self.state = InputState.DIRECT

@@ -22,6 +22,7 @@ from twisted_closewatch.config import Config
 from twisted_closewatch.record import EndReason
 from twisted_closewatch.relay import State
 from twisted_closewatch.spool import (
+    DRAIN_PATIENCE,
     InputState,
     SpoolBudget,
     SpoolFile,
@@ -182,7 +183,7 @@ class SpooledInputTests(SynchronousTestCase):
         self, budget: SpoolBudget | None = None, perConnection: int = 10_000, **config: object
     ) -> Harness:
         if budget is None:
-            budget = SpoolBudget(self.directory, perConnection, 100_000)
+            budget = SpoolBudget(self.directory, perConnection, 1_000_000)
         self.budget = budget
         h = Harness(spool=budget, readAhead=self.READ_AHEAD, **config)
         h.worker.stdinLimit = 1000
@@ -433,3 +434,50 @@ class SpooledInputTests(SynchronousTestCase):
         self.assertEqual(h.transport.producerState, "paused")
         h.reap()
         self.assertEqual(self.budget.inUse, 0)
+
+    def test_readingWorkerIsFedWithTheClientPaused(self) -> None:
+        """
+        A worker that reads again is fed its spool with the client paused,
+        so that a worker only slower than its client does not have all its
+        input pass through the disk; the client's bytes go to it directly
+        once the spool is empty.
+        """
+        h = self.harness()
+        self.send(h, pattern(5000, 1))
+        h.worker.readsAll()
+        self.assertIs(h.relay._input.state, InputState.DRAINING)
+        self.assertEqual(h.transport.producerState, "paused")
+        for _ in range(100):
+            h.worker.readsAll()
+            if h.relay._input.state is InputState.DIRECT:
+                break
+        self.assertEqual(h.transport.producerState, "producing")
+        spooled = h.record.bytesSpooled
+        self.send(h, pattern(600, 2), 600)
+        self.assertEqual(h.record.bytesSpooled, spooled)
+        self.assertEqual(h.worker.stdin, pattern(5000, 1) + pattern(600, 2))
+
+    def test_workerStopsWhileFed(self) -> None:
+        """
+        A worker that stops reading while it is fed its spool has its client
+        read (and spooled) again after L{DRAIN_PATIENCE}, behind what arrived
+        meanwhile, in order.
+        """
+        h = self.harness(perConnection=400_000)
+        # More than one feed (64 KiB) spooled: the worker is fed part of it.
+        first, late, second = pattern(200_000, 1), pattern(200, 2), pattern(3000, 3)
+        self.send(h, first, 4096)
+        h.worker.readsAll()
+        self.assertIs(h.relay._input.state, InputState.DRAINING)
+        # Still arriving from the transport's last read, behind the spool.
+        h.client.dataReceived(late)
+        h.clock.advance(DRAIN_PATIENCE)
+        self.assertIs(h.relay._input.state, InputState.SPOOLING)
+        self.assertEqual(h.transport.producerState, "producing")
+        self.send(h, second)
+        for _ in range(100):
+            h.worker.readsAll()
+            if h.relay._input.state is InputState.DIRECT:
+                break
+        self.assertEqual(h.worker.stdin, first + late + second)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
