@@ -22,9 +22,10 @@ is its VmHWM, reset before the connections open.  Servers alternate within
 each run; the medians of the runs are printed at the end.
 
 Then, in this process, the spool's file I/O as the reactor would do it:
-`--io-mib` MiB appended to a spool file in 64 KiB `pwrite`s and read back
-in 64 KiB `pread`s, each call timed (p50, p99, max), and the `ftruncate`
-that gives the space back.
+`--io-mib` MiB appended to a spool file in 1 MiB `pwrite`s (a client's read
+while it is spooled) and read back in 64 KiB `pread`s (what the worker is
+fed at a time), each call timed (p50, p99, max), and the `ftruncate` that
+gives the space back.  `--io-only` measures only that.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import closewatch_bench as b
 
-from twisted_closewatch.spool import FEED_SIZE, SpoolBudget
+from twisted_closewatch.spool import FEED_SIZE, SPOOL_READ_SIZE, SpoolBudget
 
 MiB = b.MiB
 
@@ -127,10 +128,10 @@ def ioCosts(directory: str, mib: int) -> dict:
     """
     budget = SpoolBudget(directory, mib * MiB, mib * MiB)
     spool = budget.open()
-    chunk = os.urandom(FEED_SIZE)
+    chunk = os.urandom(SPOOL_READ_SIZE)
     writes, reads = [], []
     try:
-        for _ in range(mib * MiB // FEED_SIZE):
+        for _ in range(mib * MiB // SPOOL_READ_SIZE):
             t = time.perf_counter()
             spool.append(chunk)
             writes.append((time.perf_counter() - t) * 1e6)
@@ -161,13 +162,14 @@ def main() -> int:
     ap.add_argument("--mib", default="8,100", help="backlog sizes in MiB, comma-separated")
     ap.add_argument("--io-mib", type=int, default=64)
     ap.add_argument("--servers", default="spool,nospool,naive")
+    ap.add_argument("--io-only", action="store_true")
     args = ap.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="closewatch-spool-bench-"))
     spoolDir = tempfile.mkdtemp(prefix="closewatch-spool-bench-dir-")
     print(f"load average at start: {os.getloadavg()}", flush=True)
     results: dict[tuple[str, int], list[dict]] = {}
     try:
-        for run in range(args.runs):
+        for run in range(0 if args.io_only else args.runs):
             for n, mib in [(int(n), int(m)) for n in args.conns.split(",")
                            for m in args.mib.split(",")]:
                 for name in args.servers.split(","):
@@ -207,8 +209,9 @@ def main() -> int:
                   f"p50 {b.fmt(b.median([r['p50'] for r in rs]))} ms, "
                   f"p99 {b.fmt(b.median([r['p99'] for r in rs]))} ms, "
                   f"peak RSS {b.fmt(b.median([r['rss_mb'] for r in rs]), 1)} MB", flush=True)
-        print(f"\nspool I/O, {args.io_mib} MiB in {FEED_SIZE // 1024} KiB calls, in {spoolDir}:",
-              ioCosts(spoolDir, args.io_mib), flush=True)
+        for _ in range(args.runs):
+            print(f"spool I/O, {args.io_mib} MiB in {spoolDir}:", ioCosts(spoolDir, args.io_mib),
+                  flush=True)
     finally:
         b.cleanup()
         shutil.rmtree(spoolDir, ignore_errors=True)

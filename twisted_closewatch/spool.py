@@ -13,13 +13,16 @@ the disk refuses, is the client paused as before.
 L{SpooledInput} is the worker's stdin as the relay writes it: the producer
 the stdin pipe paces, which sends the client's bytes to the worker while it
 reads, to the spool while it does not, and feeds the worker from the spool,
-in order, as its stdin drains.  L{SpoolFile} is one connection's file, a
+in order, as its stdin drains (the client paused meanwhile: a worker that
+reads, only slower than its client, gets its input through memory, as
+without a spool; see L{InputState}).  L{SpoolFile} is one connection's file, a
 ring in an unlinked file; L{SpoolBudget}, owned by the factory, is what all
 the connections' files may take together.
 
-The file I/O is synchronous, on the reactor: C{pwrite} and C{pread} of at
-most 64 KiB at a time against a file the page cache holds (see
-C{bench/README.md}, "Spooling", for what that costs).
+The file I/O is synchronous, on the reactor: C{pwrite}s of a client's read
+(at most 1 MiB) and C{pread}s of 64 KiB against a file the page cache
+holds, and a C{ftruncate} when a spool is emptied (see C{bench/README.md},
+"Spooling", for what each costs).
 """
 
 from __future__ import annotations
