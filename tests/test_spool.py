@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -18,7 +17,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import zlib
 
 from twisted.trial.unittest import TestCase
@@ -29,6 +27,7 @@ from tests.support import (
     children,
     pidfdWaitGone,
     readLine,
+    scrapeMetrics,
     wait,
     waitGone,
 )
@@ -144,20 +143,7 @@ class SpoolTests(TestCase):
         self.assertEqual(line.split(), [str(len(data)).encode(), str(zlib.crc32(data)).encode()])
 
     def scrape(self, server: Server) -> dict[str, float]:
-        def port() -> int | None:
-            for event in server.events():
-                match = re.search(r"_MetricsSite starting on (\d+)$", event.get("text", ""))
-                if match:
-                    return int(match.group(1))
-            return None
-
-        url = f"http://127.0.0.1:{wait(port)}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return {
-            name: float(value)
-            for name, value in re.findall(r"^(closewatch_spool\w*) (\S+)$", text, re.MULTILINE)
-        }
+        return {name: value for (name, _), value in scrapeMetrics(server).items()}
 
     def test_closeBehindABacklogKills(self) -> None:
         """

@@ -193,6 +193,28 @@ class SpooledInputTests(SynchronousTestCase):
         for offset in range(0, len(data), size):
             h.client.dataReceived(data[offset : offset + size])
 
+    def drain(self, h: Harness) -> None:
+        """
+        Let the worker read until its input goes to it directly again.
+        """
+        for _ in range(100):
+            h.worker.readsAll()
+            if h.relay._input.state is InputState.DIRECT:
+                return
+        self.fail(f"still {h.relay._input.state} after 100 reads")
+
+    def pausedThenDelivered(self, h: Harness, data: bytes) -> None:
+        """
+        Sending C{data} pauses the client; the worker then gets all it was
+        sent, in order, and the client is read again.
+        """
+        before = h.worker.stdin
+        self.send(h, data)
+        self.assertEqual(h.transport.producerState, "paused")
+        self.drain(h)
+        self.assertEqual(h.worker.stdin, before + data)
+        self.assertEqual(h.transport.producerState, "producing")
+
     def warnings(self) -> list[dict[str, object]]:
         return [e for e in self.events if e.get("log_level") in (LogLevel.warn, LogLevel.error)]
 
@@ -208,10 +230,7 @@ class SpooledInputTests(SynchronousTestCase):
         self.assertLess(len(h.worker.stdin), 1400)
         self.assertEqual(h.record.bytesIn, 9000)
         self.assertGreater(self.budget.inUse, 0)
-        for _ in range(100):
-            h.worker.readsAll()
-            if h.relay._input.state is InputState.DIRECT:
-                break
+        self.drain(h)
         self.assertEqual(h.worker.stdin, data)
         self.assertEqual(self.budget.inUse, 0)
         self.assertIs(h.relay._input.state, InputState.DIRECT)
@@ -239,8 +258,7 @@ class SpooledInputTests(SynchronousTestCase):
         self.send(h, first)
         h.worker.readsAll()
         self.send(h, second)
-        for _ in range(100):
-            h.worker.readsAll()
+        self.drain(h)
         self.assertEqual(h.worker.stdin, first + second)
 
     def test_limitPausesThenResumes(self) -> None:
@@ -249,16 +267,7 @@ class SpooledInputTests(SynchronousTestCase):
         order; once the worker has read everything, it is read again.
         """
         h = self.harness(perConnection=2000)
-        data = pattern(6000)
-        self.send(h, data)
-        self.assertEqual(h.transport.producerState, "paused")
-        self.assertIs(h.relay._input.state, InputState.PAUSED)
-        for _ in range(100):
-            if h.transport.producerState == "producing":
-                break
-            h.worker.readsAll()
-        self.assertEqual(h.transport.producerState, "producing")
-        self.assertEqual(h.worker.stdin, data)
+        self.pausedThenDelivered(h, pattern(6000))
         self.assertEqual(self.warnings(), [])
 
     def test_budgetExhaustedPauses(self) -> None:
@@ -268,12 +277,7 @@ class SpooledInputTests(SynchronousTestCase):
         budget = SpoolBudget(self.directory, 10_000, 1500)
         budget.reserve(1000)
         h = self.harness(budget)
-        data = pattern(4000)
-        self.send(h, data)
-        self.assertEqual(h.transport.producerState, "paused")
-        for _ in range(100):
-            h.worker.readsAll()
-        self.assertEqual(h.worker.stdin, data)
+        self.pausedThenDelivered(h, pattern(4000))
         self.assertEqual(budget.inUse, 1000)
 
     def test_writeErrorPausesAndIsLoggedOnce(self) -> None:
@@ -283,16 +287,8 @@ class SpooledInputTests(SynchronousTestCase):
         recurs.
         """
         h = self.harness(_Budget(self.directory, 10_000, 100_000, os.O_RDONLY))
-        data = pattern(3000, 3) + pattern(3000, 4)
-        self.send(h, data[:3000])
-        self.assertEqual(h.transport.producerState, "paused")
-        for _ in range(10):
-            h.worker.readsAll()
-        self.send(h, data[3000:])
-        for _ in range(10):
-            h.worker.readsAll()
-        self.assertEqual(h.worker.stdin, data)
-        self.assertEqual(h.transport.producerState, "producing")
+        self.pausedThenDelivered(h, pattern(3000, 3))
+        self.pausedThenDelivered(h, pattern(3000, 4))
         warnings = self.warnings()
         self.assertEqual(len(warnings), 1)
         self.assertEqual(warnings[0]["errno"], errno.EBADF)
@@ -303,12 +299,7 @@ class SpooledInputTests(SynchronousTestCase):
         client, and is logged once.
         """
         h = self.harness(SpoolBudget(os.path.join(self.directory, "gone"), 10_000, 100_000))
-        data = pattern(3000)
-        self.send(h, data)
-        self.assertEqual(h.transport.producerState, "paused")
-        for _ in range(10):
-            h.worker.readsAll()
-        self.assertEqual(h.worker.stdin, data)
+        self.pausedThenDelivered(h, pattern(3000))
         self.assertEqual([e["errno"] for e in self.warnings()], [errno.ENOENT])
 
     def test_readErrorEndsTheConnection(self) -> None:
@@ -334,10 +325,7 @@ class SpooledInputTests(SynchronousTestCase):
         self.send(h, data)
         h.client.readConnectionLost()
         self.assertFalse(h.worker.stdinClosed)
-        for _ in range(100):
-            if h.worker.stdinClosed:
-                break
-            h.worker.readsAll()
+        self.drain(h)
         self.assertTrue(h.worker.stdinClosed)
         self.assertEqual(h.worker.stdin, data)
 
@@ -395,8 +383,7 @@ class SpooledInputTests(SynchronousTestCase):
         self.assertEqual(h.transport.bufferSize, 1024)
         self.send(h, pattern(3000))
         self.assertEqual(h.transport.bufferSize, 4096)
-        for _ in range(100):
-            h.worker.readsAll()
+        self.drain(h)
         self.assertEqual(h.transport.bufferSize, 1024)
 
     def test_readsNoMoreThanTheSpoolTakes(self) -> None:
@@ -447,10 +434,7 @@ class SpooledInputTests(SynchronousTestCase):
         h.worker.readsAll()
         self.assertIs(h.relay._input.state, InputState.DRAINING)
         self.assertEqual(h.transport.producerState, "paused")
-        for _ in range(100):
-            h.worker.readsAll()
-            if h.relay._input.state is InputState.DIRECT:
-                break
+        self.drain(h)
         self.assertEqual(h.transport.producerState, "producing")
         spooled = h.record.bytesSpooled
         self.send(h, pattern(600, 2), 600)
@@ -475,9 +459,6 @@ class SpooledInputTests(SynchronousTestCase):
         self.assertIs(h.relay._input.state, InputState.SPOOLING)
         self.assertEqual(h.transport.producerState, "producing")
         self.send(h, second)
-        for _ in range(100):
-            h.worker.readsAll()
-            if h.relay._input.state is InputState.DIRECT:
-                break
+        self.drain(h)
         self.assertEqual(h.worker.stdin, first + late + second)
         self.assertEqual(h.clock.getDelayedCalls(), [])
