@@ -372,6 +372,10 @@ class SpooledInput:
         self._stdinReady = True
         self._bePatient(False)
         if self.state is InputState.SPOOLING:
+            if self._spool is None or not self._spool.size:
+                # A pause too short to have spooled anything.
+                self._drained()
+                return
             self.state = InputState.DRAINING
             self._pacing.pauseClient()
         while self._stdinReady and self.state in (InputState.DRAINING, InputState.PAUSED):
