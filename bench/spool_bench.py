@@ -163,6 +163,8 @@ def main() -> int:
     ap.add_argument("--io-mib", type=int, default=64)
     ap.add_argument("--servers", default="spool,nospool,naive")
     ap.add_argument("--io-only", action="store_true")
+    ap.add_argument("--server-args", default="",
+                    help="more closewatch options, space-separated (e.g. '--read-ahead 128k')")
     args = ap.parse_args()
     logdir = Path(tempfile.mkdtemp(prefix="closewatch-spool-bench-"))
     spoolDir = tempfile.mkdtemp(prefix="closewatch-spool-bench-dir-")
@@ -184,6 +186,7 @@ def main() -> int:
                         b.EXTRA_CLOSEWATCH_OPTIONS[:] = [
                             "--max-workers", str(n + 10), "--spool-dir", spoolDir,
                             *(["--spool-max", "0"] if name == "nospool" else []),
+                            *args.server_args.split(),
                         ]
                         server = b.startServer(
                             "closewatch", [str(b.PIDWORKER)], logdir, sys.executable
