@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.fakes import Harness
-from twisted_closewatch.config import Config
+from twisted_closewatch.config import Config, InvalidSetting
 from twisted_closewatch.record import EndReason
 from twisted_closewatch.relay import State
 from twisted_closewatch.spool import (
@@ -462,3 +462,33 @@ class SpooledInputTests(SynchronousTestCase):
         self.drain(h)
         self.assertEqual(h.worker.stdin, first + late + second)
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+class SettingsTests(SynchronousTestCase):
+    """
+    The spool's settings, as a library user gives them: checked like the
+    command line's, naming the option.
+    """
+
+    def assertRefused(self, fragment: str, **settings: object) -> None:
+        with self.assertRaises(InvalidSetting) as caught:
+            Config(argv=("/bin/cat",), **settings)  # type: ignore[arg-type]
+        self.assertIn(fragment, str(caught.exception))
+
+    def test_sizes(self) -> None:
+        self.assertRefused("--spool-max must be a size >= 0", spoolMax=-1)
+        self.assertRefused("--spool-total must be at most 1024g", spoolTotal=1024**4 + 1)
+        self.assertRefused("--spool-max must be a size", spoolMax=1.5)
+        self.assertEqual(Config(argv=("/bin/cat",), spoolMax=0).spoolMax, 0)
+
+    def test_directory(self) -> None:
+        directory = tempfile.mkdtemp(prefix="closewatch-spool-test-")
+        self.addCleanup(os.rmdir, directory)
+        path = os.path.join(directory, "file")
+        with open(path, "w"):
+            pass
+        self.addCleanup(os.unlink, path)
+        self.assertRefused("--spool-dir is not a directory", spoolDir=path)
+        self.assertRefused("--spool-dir is not a directory", spoolDir=os.path.join(path, "x"))
+        self.assertEqual(Config(argv=("/bin/cat",), spoolDir=directory).spoolDir, directory)
+        self.assertEqual(Config(argv=("/bin/cat",)).spoolDir, tempfile.gettempdir())
