@@ -6,11 +6,13 @@ could ask for C{prctl(PR_SET_PDEATHSIG)}; and as session leaders they would
 outlive a server killed with C{SIGKILL} or crashed.  Instead, one small
 helper process per server, the guardian (L{twisted_closewatch.guardianprocess},
 standard library only, so that it starts small), holds the read end of a
-pipe from the server.  The server writes C{+PGID} when it spawns a worker
-and C{-PGID} just before it reaps one (while the group id cannot be reused
-yet).  When the pipe
-reaches end-of-file, which the kernel guarantees however the server ended,
-the guardian C{SIGKILL}s every group still registered and exits.
+pipe from the server.  The server writes C{+KEY PGID} when it spawns a
+worker and C{-KEY} once it is gone, C{KEY} a number of its own for each
+registration: a worker's group id may be reused by a new worker before the
+old one's C{-KEY} is written (a spawner reaps its workers before the server
+hears of it), and a key names one registration only.  When the pipe reaches
+end-of-file, which the kernel guarantees however the server ended, the
+guardian C{SIGKILL}s every group still registered and exits.
 
 The guardian leads its own session, so no worker group kill and no
 terminal signal reaches it, and it ignores C{SIGTERM}, C{SIGINT} and
@@ -25,31 +27,27 @@ covers them.
 
 from __future__ import annotations
 
+import itertools
 import os
-import sys
-from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IWriteDescriptor
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_closewatch import guardianprocess
+from twisted_closewatch.helper import Helper, helperCommand
 from twisted_closewatch.pipes import PIPE_SIZE, resizePipe
 
 log = Logger()
 
-#: Seconds the guardian has to exit after its pipe is closed.
-STOP_TIMEOUT = 5.0
 #: Seconds before a guardian that died is replaced.
 RESTART_DELAY = 1.0
 
 
 @implementer(IWriteDescriptor)
-class Guardian:
+class Guardian(Helper):
     """
     The server's side: starts the guardian and keeps it told which worker
     process groups exist.
@@ -59,24 +57,16 @@ class Guardian:
     are only queued when the guardian is not keeping up with the pipe.
     """
 
+    name = "guardian"
+    stopTimeout = 5.0
+
     _fd: int | None = None
-    _process: Any = None
-    _restartCall: IDelayedCall | None = None
-    _killCall: IDelayedCall | None = None
 
     def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        self._groups: set[int] = set()
+        super().__init__(reactor)
+        self._groups: dict[int, int] = {}
+        self._keys = itertools.count(1)
         self._pending = b""
-        self._stopping = False
-        self._stopped: list[defer.Deferred[None]] = []
-
-    @property
-    def pid(self) -> int | None:
-        """
-        The guardian's pid while it runs.
-        """
-        return None if self._process is None else self._process.pid
 
     def start(self) -> None:
         """
@@ -86,14 +76,8 @@ class Guardian:
         """
         readEnd, writeEnd = os.pipe2(os.O_CLOEXEC)
         try:
-            self._process = self._reactor.spawnProcess(
-                HelperProtocol(self._ended),
-                sys.executable,
-                # Isolated (-I -S): no PYTHON* variables, no site
-                # directories; it needs the standard library only.
-                [sys.executable, "-I", "-S", guardianprocess.__file__],
-                env=dict(os.environ),
-                childFDs={0: readEnd, 1: 2, 2: 2},
+            self.spawnHelper(
+                helperCommand(guardianprocess.__file__), {0: readEnd, 1: 2, 2: 2}
             )
         except Exception:
             os.close(writeEnd)
@@ -106,34 +90,26 @@ class Guardian:
         resizePipe(writeEnd, PIPE_SIZE)
         self._fd = writeEnd
         self._pending = b""
-        self._send(b"".join(b"+%d\n" % pgid for pgid in sorted(self._groups)))
+        self._send(b"".join(b"+%d %d\n" % item for item in sorted(self._groups.items())))
         log.info("guardian {guardian_pid} started", guardian_pid=self.pid)
 
-    def register(self, pgid: int) -> None:
-        self._groups.add(pgid)
-        self._send(b"+%d\n" % pgid)
-
-    def unregister(self, pgid: int) -> None:
-        self._groups.discard(pgid)
-        self._send(b"-%d\n" % pgid)
-
-    def stop(self) -> defer.Deferred[None]:
+    def register(self, pgid: int) -> int:
         """
-        Close the pipe: the guardian kills what is still registered (nothing,
-        after a clean stop) and exits.
+        Have the group C{pgid} killed if the server dies.
 
-        @return: fires once it has exited.
+        @return: the key that unregisters it.
         """
-        self._stopping = True
-        if self._restartCall is not None and self._restartCall.active():
-            self._restartCall.cancel()
-        if self._process is None:
-            return defer.succeed(None)
-        self._closePipe()
-        self._killCall = self._reactor.callLater(STOP_TIMEOUT, self._process.signalProcess, "KILL")
-        d: defer.Deferred[None] = defer.Deferred()
-        self._stopped.append(d)
-        return d
+        key = next(self._keys)
+        self._groups[key] = pgid
+        self._send(b"+%d %d\n" % (key, pgid))
+        return key
+
+    def unregister(self, key: int) -> None:
+        """
+        Forget the group registered as C{key}.
+        """
+        if self._groups.pop(key, None) is not None:
+            self._send(b"-%d\n" % key)
 
     def _send(self, data: bytes) -> None:
         if self._fd is None or not data:
@@ -161,7 +137,7 @@ class Guardian:
             return b""
         return data[written:]
 
-    def _closePipe(self) -> None:
+    def hangUp(self) -> None:
         if self._fd is None:
             return
         if self._pending:
@@ -170,16 +146,7 @@ class Guardian:
         os.close(self._fd)
         self._fd = None
 
-    def _ended(self, pid: int, reason: Failure) -> None:
-        self._closePipe()
-        self._process = None
-        if self._stopping:
-            if self._killCall is not None and self._killCall.active():
-                self._killCall.cancel()
-            waiting, self._stopped = self._stopped, []
-            for d in waiting:
-                d.callback(None)
-            return
+    def helperLost(self, pid: int, reason: Failure) -> None:
         log.error(
             "guardian {guardian_pid} ended unexpectedly ({why}): workers would not "
             "die with a crashed server until it is replaced in {delay} s",
@@ -187,14 +154,7 @@ class Guardian:
             why=reason.getErrorMessage(),
             delay=RESTART_DELAY,
         )
-        self._restartCall = self._reactor.callLater(RESTART_DELAY, self._restart)
-
-    def _restart(self) -> None:
-        try:
-            self.start()
-        except OSError as e:
-            log.error("cannot start guardian: {error}", error=e)
-            self._restartCall = self._reactor.callLater(RESTART_DELAY, self._restart)
+        self._retryCall = self._reactor.callLater(RESTART_DELAY, self.restart)
 
     # IWriteDescriptor, while messages are queued.
 
@@ -211,21 +171,3 @@ class Guardian:
 
     def logPrefix(self) -> str:
         return "closewatch-guardian"
-
-
-class HelperProtocol(ProcessProtocol):
-    """
-    A helper process of the server (the guardian, the spawner): its end,
-    with its pid, goes to C{ended}.
-    """
-
-    def __init__(self, ended: Callable[[int, Failure], None]) -> None:
-        self._ended = ended
-        self._pid: int | None = None
-
-    def connectionMade(self) -> None:
-        self._pid = getattr(self.transport, "pid", None)
-
-    def processEnded(self, reason: Failure) -> None:
-        self._ended(self._pid or 0, reason)
-

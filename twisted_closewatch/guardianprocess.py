@@ -1,6 +1,6 @@
 """
-The guardian process (see L{twisted_closewatch.guardian}): reads C{+PGID}
-and C{-PGID} lines from the server on its stdin and, at end-of-file,
+The guardian process (see L{twisted_closewatch.guardian}): reads C{+KEY
+PGID} and C{-KEY} lines from the server on its stdin and, at end-of-file,
 C{SIGKILL}s every process group still registered, then exits.
 
 Standard library only, and run isolated (C{python -I -S}), so that it
@@ -26,7 +26,7 @@ def _readMessages(fd: int) -> set[int]:
     Follow the server's messages until end-of-file; return the groups still
     registered then.
     """
-    groups: set[int] = set()
+    groups: dict[int, int] = {}
     partial = b""
     poller = select.poll()
     # No POLLIN: data does not wake us, only the server's end (POLLHUP).
@@ -40,17 +40,17 @@ def _readMessages(fd: int) -> set[int]:
             except BlockingIOError:
                 break
             if not data:
-                return groups
+                return set(groups.values())
             lines = (partial + data).split(b"\n")
             partial = lines.pop()
             for line in lines:
-                pgid = int(line[1:])
+                key, _, pgid = line[1:].partition(b" ")
                 if line.startswith(b"+"):
-                    groups.add(pgid)
+                    groups[int(key)] = int(pgid)
                 else:
-                    groups.discard(pgid)
+                    groups.pop(int(key), None)
         if hungUp:
-            return groups
+            return set(groups.values())
 
 
 def main() -> None:

@@ -180,6 +180,7 @@ class WorkerProcess(_compat.Process):
 
     processReaderFactory = _WorkerOutput
     _exitNotifier: _ExitNotifier | None = None
+    _guardianKey: int | None = None
 
     def __init__(
         self,
@@ -230,7 +231,7 @@ class WorkerProcess(_compat.Process):
         )
         # At once: a server killed from here on still takes the worker along.
         if self._guardian is not None:
-            self._guardian.register(self.pid)
+            self._guardianKey = self._guardian.register(self.pid)
         self.status = -1
         return True
 
@@ -268,9 +269,8 @@ class WorkerProcess(_compat.Process):
             os.killpg(self.pid, signal.SIGKILL)
         except OSError:
             pass
-        # Before the reap, after which the group id may be reused.
-        if self._guardian is not None:
-            self._guardian.unregister(self.pid)
+        if self._guardian is not None and self._guardianKey is not None:
+            self._guardian.unregister(self._guardianKey)
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:

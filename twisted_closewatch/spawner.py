@@ -41,16 +41,16 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IProcessProtocol, IReadDescriptor
+from twisted.internet.interfaces import IProcessProtocol, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_closewatch import _compat, containment, spawnerprocess
 from twisted_closewatch.containment import Containment
-from twisted_closewatch.guardian import Guardian, HelperProtocol
+from twisted_closewatch.guardian import Guardian
+from twisted_closewatch.helper import Helper, helperCommand
 from twisted_closewatch.spawn import PIPE_SIZE, WorkerProcess, _ExitNotifier, resizePipe
 
 log = Logger()
@@ -87,10 +87,9 @@ def available() -> bool:
 
 def _command(config: Mapping[str, Any], *flags: str) -> list[str]:
     """
-    The spawner's command line: isolated, so that it starts small and no
-    C{PYTHON*} variable changes it; it is given the server's C{sys.path}.
+    The spawner's command line; it is given the server's C{sys.path}.
     """
-    return [sys.executable, "-I", "-S", spawnerprocess.__file__, *flags, json.dumps(config)]
+    return helperCommand(spawnerprocess.__file__, *flags, json.dumps(config))
 
 
 def checkEntryPoint(entryPoint: str) -> str | None:
@@ -115,7 +114,7 @@ def checkEntryPoint(entryPoint: str) -> str | None:
     return lines[0] if lines else f"the check exited with status {result.returncode}"
 
 
-class Spawner:
+class Spawner(Helper):
     """
     The server's side of the spawner: starts it, asks it for workers, hears
     their exits, replaces it if it dies.
@@ -125,10 +124,12 @@ class Spawner:
     @param containment: applied to every worker.
     """
 
-    _process: Any = None
+    name = "spawner"
+    stopTimeout = STOP_TIMEOUT
+    startErrors = (SpawnerError, OSError)
+
     _control: socket.socket | None = None
     _events: _ExitReports | None = None
-    _stopCall: IDelayedCall | None = None
     #: The server's own cgroup, and the one it makes there for its workers'.
     cgroupHome: str | None = None
     cgroupParent: str | None = None
@@ -137,21 +138,14 @@ class Spawner:
         self, reactor: Any, entryPoint: str | None, containment: Containment,
         guardian: Guardian | None = None,
     ) -> None:
-        self._reactor = reactor
+        super().__init__(reactor)
         self.entryPoint = entryPoint
         self.containment = containment
         self.guardian = guardian
         self._ids = itertools.count(1)
-        self._workers: dict[int, SpawnedWorker] = {}
-        self._stopping = False
-        self._stopped: list[defer.Deferred[None]] = []
-
-    @property
-    def pid(self) -> int | None:
-        """
-        The spawner's pid while it runs.
-        """
-        return None if self._process is None else self._process.pid
+        self._answerBuffer = bytearray(spawnerprocess.ANSWER_MAX)
+        #: request id -> the worker, and its key with the guardian
+        self._workers: dict[int, tuple[SpawnedWorker, int | None]] = {}
 
     def start(self) -> None:
         """
@@ -180,13 +174,9 @@ class Spawner:
             "cgroupLimits": self.containment.cgroupLimits,
         }
         try:
-            self._process = self._reactor.spawnProcess(
-                HelperProtocol(self._ended),
-                sys.executable,
+            self.spawnHelper(
                 _command(config),
-                env=dict(os.environ),
-                childFDs={0: devnull, 1: 2, 2: 2, 3: controlChild.fileno(),
-                          4: eventsChild.fileno()},
+                {0: devnull, 1: 2, 2: 2, 3: controlChild.fileno(), 4: eventsChild.fileno()},
             )
         except OSError as e:
             control.close()
@@ -232,15 +222,17 @@ class Spawner:
         """
         return SpawnedWorker(self, protocol, argv, environment, pipeSize, beforeTeardown, stdio)
 
-    def request(
+    def ask(
         self, argv: Sequence[str] | None, environment: Mapping[str, str], fds: Sequence[int]
-    ) -> tuple[int, int, int, str | None]:
+    ) -> int:
         """
-        Ask for a worker with C{fds} as its stdin, stdout and stderr.
+        Ask for a worker with C{fds} as its stdin, stdout and stderr (they
+        may be closed once this returns); L{answer} tells how it went.  The
+        server may do its own part of the worker's set-up in between, while
+        the spawner does its part.
 
-        @return: the request's id, the worker's pid, its pidfd and its
-            cgroup's path (if it has one).
-        @raise OSError: it could not be started.
+        @return: the request's id.
+        @raise OSError: the spawner cannot be asked.
         """
         if self._control is None:
             raise OSError(errno.EAGAIN, "the spawner is not running")
@@ -251,12 +243,26 @@ class Spawner:
             requestID, argv, environment, cgroup=cgroupName, rlimits=c.rlimits,
             uid=c.uid, gid=c.gid,
         )
+        if len(message) > spawnerprocess.MESSAGE_MAX:
+            raise OSError(errno.E2BIG, "the worker's environment is too large")
+        socket.send_fds(self._control, [message], list(fds))
+        return requestID
+
+    def answer(self, requestID: int) -> tuple[int, int, str | None]:
+        """
+        Wait for the answer to the request C{requestID}.
+
+        @return: the worker's pid, its pidfd and its cgroup's path (if it
+            has one).
+        @raise OSError: it could not be started.
+        """
         control = self._control
+        if control is None:
+            raise OSError(errno.EPIPE, "the spawner ended")
         control.settimeout(REQUEST_TIMEOUT)
         try:
-            socket.send_fds(control, [message], list(fds))
             while True:
-                data, pidfds = spawnerprocess.recvFds(control, 1)
+                data, pidfds = spawnerprocess.recvFds(control, 1, self._answerBuffer)
                 if not data:
                     raise OSError(errno.EPIPE, "the spawner ended")
                 answer = spawnerprocess.decodeMessage(data)
@@ -270,48 +276,42 @@ class Spawner:
             raise OSError(errno.ETIMEDOUT, "the spawner did not answer") from None
         if "error" in answer:
             raise OSError(answer["error"], answer.get("message", "spawn failed"))
-        path = None if cgroupName is None else os.path.join(self.cgroupParent or "", cgroupName)
-        return requestID, answer["pid"], pidfds[0], path
+        path = None
+        if self.cgroupParent is not None:
+            path = os.path.join(self.cgroupParent, f"w{requestID}")
+        return answer["pid"], pidfds[0], path
 
     def started(self, requestID: int, pid: int, worker: SpawnedWorker) -> None:
         """
         C{worker} has been started as C{pid}: hear of its exit, and have the
         guardian kill its group if the server dies.
         """
-        self._workers[requestID] = worker
-        if self.guardian is not None:
-            self.guardian.register(pid)
+        key = None if self.guardian is None else self.guardian.register(pid)
+        self._workers[requestID] = (worker, key)
 
     def exitReported(self, requestID: int, pid: int, status: int) -> None:
         # Read by the reactor only, never while a request waits for its
         # answer: every worker is registered before its report is read.
-        worker = self._workers.pop(requestID, None)
+        worker, key = self._workers.pop(requestID, (None, None))
         if worker is None:
             return
-        # Reaped and its group killed by the spawner: the group id is free.
-        if self.guardian is not None:
-            self.guardian.unregister(pid)
+        # Reaped by the spawner: its pid, and group id, may be a new
+        # worker's already, whose registration has a key of its own.
+        self._unguard(key)
         worker.exitReported(status)
 
-    def stop(self) -> defer.Deferred[None]:
-        """
-        Close the control socket: the spawner kills what is left (nothing,
-        after a clean stop), removes the cgroups and exits.
+    def _unguard(self, key: int | None) -> None:
+        if self.guardian is not None and key is not None:
+            self.guardian.unregister(key)
 
-        @return: fires once it has exited.
+    def hangUp(self) -> None:
         """
-        self._stopping = True
-        if self._process is None:
-            return defer.succeed(None)
-        self._closeSockets()
-        self._stopCall = self._reactor.callLater(
-            STOP_TIMEOUT, self._process.signalProcess, "KILL"
-        )
-        d: defer.Deferred[None] = defer.Deferred()
-        self._stopped.append(d)
-        return d
-
-    def _closeSockets(self) -> None:
+        Close the control socket (the spawner kills what is left, nothing
+        after a clean stop, removes the cgroups and exits), once the exit
+        reports it sent are read.
+        """
+        if self._events is not None:
+            self._events.doRead()
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -320,21 +320,11 @@ class Spawner:
             self._events.close()
             self._events = None
 
-    def _ended(self, pid: int, reason: Failure) -> None:
-        self._process = None
-        if self._events is not None:
-            # The reports it sent before it died.
-            self._events.doRead()
-        self._closeSockets()
-        if self._stopping:
-            if self._stopCall is not None and self._stopCall.active():
-                self._stopCall.cancel()
-            if self.cgroupParent is not None:
-                containment.removeCgroup(self.cgroupParent)
-            waiting, self._stopped = self._stopped, []
-            for d in waiting:
-                d.callback(None)
-            return
+    def helperStopped(self) -> None:
+        if self.cgroupParent is not None:
+            containment.removeCgroup(self.cgroupParent)
+
+    def helperLost(self, pid: int, reason: Failure) -> None:
         orphans, self._workers = self._workers, {}
         log.error(
             "spawner {spawner_pid} ended unexpectedly ({why}): killing the {count} "
@@ -343,18 +333,10 @@ class Spawner:
             why=reason.getErrorMessage(),
             count=len(orphans),
         )
-        for worker in orphans.values():
-            if self.guardian is not None and worker.pid is not None:
-                self.guardian.unregister(worker.pid)
+        for worker, key in orphans.values():
+            self._unguard(key)
             worker.spawnerLost()
-        self._restart()
-
-    def _restart(self) -> None:
-        try:
-            self.start()
-        except (SpawnerError, OSError) as e:
-            log.error("cannot restart the spawner: {error}", error=e)
-            self._reactor.callLater(1.0, self._restart)
+        self.restart()
 
 
 def _killLate(answer: Mapping[str, Any]) -> None:
@@ -448,17 +430,20 @@ class SpawnedWorker(WorkerProcess):
         stderrRead, stderrWrite = os.pipe()
         ours = [fd for fd in (stdinWrite, stdoutRead, stderrRead) if fd >= 0]
         try:
-            requestID, pid, pidfd, self.cgroup = spawner.request(
-                argv, environment, (stdinRead, stdoutWrite, stderrWrite)
-            )
+            try:
+                requestID = spawner.ask(argv, environment, (stdinRead, stdoutWrite, stderrWrite))
+            finally:
+                for fd in (stdinRead, stdoutWrite, stderrWrite):
+                    if fd != stdio:
+                        os.close(fd)
+            # While the spawner spawns.
+            for fd in ours:
+                resizePipe(fd, pipeSize)
+            pid, pidfd, self.cgroup = spawner.answer(requestID)
         except BaseException:
             for fd in ours:
                 os.close(fd)
             raise
-        finally:
-            for fd in (stdinRead, stdoutWrite, stderrWrite):
-                if fd != stdio:
-                    os.close(fd)
         self.pid = pid
         spawner.started(requestID, pid, self)
         reactor = self._reactor
@@ -467,8 +452,6 @@ class SpawnedWorker(WorkerProcess):
             self.pipes[0] = stdin
             self.pipes[1] = self.processReaderFactory(reactor, self, 1, stdoutRead)
         self.pipes[2] = self.processReaderFactory(reactor, self, 2, stderrRead)
-        for fd in ours:
-            resizePipe(fd, pipeSize)
         self._exitNotifier = _Exited(pidfd, self)
         reactor.addReader(self._exitNotifier)
         protocol: Any = proto

@@ -30,6 +30,7 @@ the spawner kills every worker it started, removes their cgroups and exits.
 
 from __future__ import annotations
 
+import array
 import collections
 import errno
 import gc
@@ -51,6 +52,8 @@ CONTROL_FD = 3
 EVENTS_FD = 4
 #: Largest message either way.
 MESSAGE_MAX = 1 << 20
+#: Largest answer (a pid).
+ANSWER_MAX = 4096
 #: Exit status of a worker whose set-up failed in the child, before it ran.
 SETUP_FAILED = 127
 #: Seconds a worker's cgroup may take to empty after its kill before the
@@ -113,23 +116,31 @@ def decodeMessage(data: bytes) -> dict[str, Any]:
     return message
 
 
-def recvFds(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
+def recvFds(
+    sock: socket.socket, maxfds: int, buffer: bytearray
+) -> tuple[bytes, list[int]]:
     """
     One message and the descriptors it carries, received close-on-exec
     (C{socket.recv_fds} ignores its C{flags} before Python 3.13, and a
     descriptor received inheritable would leak into every worker spawned
-    meanwhile).
-    """
-    import array
+    meanwhile), into C{buffer}, the largest message expected: kept by the
+    caller, so that no message costs an allocation of that size.
 
+    @raise ValueError: the message was larger than C{buffer} (its
+        descriptors are closed).
+    """
     fds = array.array("i")
-    data, ancillary, _, _ = sock.recvmsg(
-        MESSAGE_MAX, socket.CMSG_LEN(maxfds * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+    size, ancillary, flags, _ = sock.recvmsg_into(
+        [buffer], socket.CMSG_LEN(maxfds * fds.itemsize), socket.MSG_CMSG_CLOEXEC
     )
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-    return data, list(fds)
+    if flags & socket.MSG_TRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"a message longer than {len(buffer)} bytes")
+    return bytes(buffer[:size]), list(fds)
 
 
 def _encode(message: Mapping[str, Any]) -> bytes:
@@ -141,25 +152,28 @@ def cgroupKill(path: str) -> bool:
     Kill every process in the cgroup at C{path} (C{cgroup.kill}, Linux
     5.14+); C{False} if the cgroup is gone.
     """
+    # A cgroup being removed (the spawner reaped its worker between the
+    # server's last look and now) fails the open or the write with ENOENT
+    # or ENODEV: it is empty.
     try:
         fd = os.open(os.path.join(path, "cgroup.kill"), os.O_WRONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        os.write(fd, b"1")
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.ENODEV):
             raise
-        # Being removed: it is empty.
         return False
-    finally:
-        os.close(fd)
     return True
 
 
 def _writeFile(path: str, data: str) -> None:
-    with open(path, "w") as f:
-        f.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
 
 
 def _callEntryPoint(function: Callable[[], Any]) -> int:
@@ -278,6 +292,7 @@ class Spawner:
         self._reports: collections.deque[bytes] = collections.deque()
         self._reaps = ReapSchedule()
         self._wakeRead, self._wakeWrite = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._buffer = bytearray(MESSAGE_MAX)
         self._spawnerCwd = os.getcwd()
 
     def load(self, entryPoint: str | None) -> None:
@@ -348,16 +363,20 @@ class Spawner:
 
     def _serveOne(self) -> bool:
         try:
-            data, fds = recvFds(self._control, 3)
+            data, fds = recvFds(self._control, 3, self._buffer)
         except InterruptedError:
             return True
         except ConnectionError:
             return False
+        except ValueError as e:
+            self._control.send(_encode({"id": None, "error": errno.EMSGSIZE, "message": str(e)}))
+            return True
         if not data:
             for fd in fds:
                 os.close(fd)
             return False
         request: dict[str, Any] = {}
+        pid = None
         try:
             request = decodeMessage(data)
             if len(fds) != 3:
@@ -365,20 +384,23 @@ class Spawner:
             pid = self._spawn(request, fds)
         except OSError as e:
             answer = {"id": request.get("id"), "error": e.errno or errno.EIO, "message": str(e)}
-            self._control.send(_encode(answer))
-            return True
         except (ValueError, TypeError, KeyError) as e:
             answer = {"id": request.get("id"), "error": errno.EINVAL, "message": str(e)}
-            self._control.send(_encode(answer))
-            return True
+        else:
+            answer = {"id": request["id"], "pid": pid}
+        try:
+            if pid is None:
+                self._control.send(_encode(answer))
+            else:
+                pidfd = os.pidfd_open(pid)
+                try:
+                    socket.send_fds(self._control, [_encode(answer)], [pidfd])
+                finally:
+                    os.close(pidfd)
         finally:
+            # After the answer, which the server is waiting for.
             for fd in fds:
                 os.close(fd)
-        pidfd = os.pidfd_open(pid)
-        try:
-            socket.send_fds(self._control, [_encode({"id": request["id"], "pid": pid})], [pidfd])
-        finally:
-            os.close(pidfd)
         return True
 
     def _spawn(self, request: Mapping[str, Any], fds: Sequence[int]) -> int:

@@ -130,7 +130,7 @@ class WireFormatTests(SynchronousTestCase):
         r, w = os.pipe()
         try:
             socket.send_fds(a, [b"{}"], [r, w])
-            data, fds = spawnerprocess.recvFds(b, 3)
+            data, fds = spawnerprocess.recvFds(b, 3, bytearray(16))
             self.assertEqual(data, b"{}")
             self.assertEqual(len(fds), 2)
             self.assertEqual([os.get_inheritable(fd) for fd in fds], [False, False])
@@ -141,6 +141,68 @@ class WireFormatTests(SynchronousTestCase):
                 os.close(fd)
             a.close()
             b.close()
+
+    def test_requestTooLong(self) -> None:
+        """
+        A request the spawner could not receive whole is refused before it
+        is sent: C{E2BIG}, not a wait for an answer that cannot come.
+        """
+        import errno
+        import socket
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twisted_closewatch.spawner import Spawner
+
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        spawner = Spawner(MemoryReactorClock(), None, containment.Containment(cgroup="off"))
+        spawner._control = a
+        huge = {"X": "x" * spawnerprocess.MESSAGE_MAX}
+        error = self.assertRaises(OSError, spawner.ask, ["/bin/true"], huge, [])
+        self.assertEqual(error.errno, errno.E2BIG)
+        b.setblocking(False)
+        self.assertRaises(BlockingIOError, b.recv, 1)
+
+    def test_cgroupKill(self) -> None:
+        """
+        C{cgroupKill} writes C{1} to C{cgroup.kill}; a cgroup that is gone
+        is no error, anything else is.
+        """
+        import os
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "cgroup.kill")
+        with open(path, "w"):
+            pass
+        self.assertTrue(spawnerprocess.cgroupKill(directory))
+        with open(path) as f:
+            self.assertEqual(f.read(), "1")
+        self.assertFalse(spawnerprocess.cgroupKill(os.path.join(directory, "gone")))
+        os.rename(path, path + ".away")
+        os.mkdir(path)
+        self.assertRaises(IsADirectoryError, spawnerprocess.cgroupKill, directory)
+
+    def test_messageTooLong(self) -> None:
+        """
+        A message longer than the buffer is an error, and the descriptors
+        it carried are closed, not leaked.
+        """
+        import os
+        import socket
+
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        r, w = os.pipe()
+        self.addCleanup(os.close, w)
+        socket.send_fds(a, [b"x" * 17], [r])
+        os.close(r)
+        before = sorted(os.listdir("/proc/self/fd"))
+        self.assertRaises(ValueError, spawnerprocess.recvFds, b, 3, bytearray(16))
+        self.assertEqual(sorted(os.listdir("/proc/self/fd")), before)
 
     def test_exitStatus(self) -> None:
         self.assertEqual(spawnerprocess._callEntryPoint(lambda: None), 0)
