@@ -248,9 +248,15 @@ class Server:
         listen: str | None = "tcp:0:interface=127.0.0.1",
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """
+        @param wrapper: a command that C{exec}s the server (C{setpriv ...}
+            to run it as another user), so that its pid is the server's.
+        """
         self.logPath = tempfile.mktemp(prefix="closewatch-log-", suffix=".jsonl")
         argv = [
+            *wrapper,
             *TWISTD,
             "-n",
             "--pidfile=",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -219,6 +220,43 @@ class CgroupTests(SpawnerTestCase):
         wait(lambda: not os.path.exists(base), 3)
         for sock in socks:
             sock.close()
+
+    def test_autoFallsBack(self) -> None:
+        """
+        C{--cgroup auto} where no cgroup v2 hierarchy is mounted (here: the
+        server in a mount namespace of its own, the hierarchy unmounted
+        there) serves, says why in one start-up line, and kills workers by
+        process group: a setsid daemon survives (the documented limit).
+        """
+        _needCgroups()
+        with open("/proc/self/mountinfo") as f:
+            root = containment.cgroup2Root(f.read())
+        unshare = shutil.which("unshare")
+        if unshare is None or root is None:
+            raise SkipTest("needs unshare (util-linux) and a cgroup v2 hierarchy")
+        server = Server(
+            [], DAEMON_WORKER,
+            wrapper=[unshare, "--mount", "--propagation", "private",
+                     "/bin/sh", "-c", 'umount -l "$0" && exec "$@"', root],
+        )
+        self.addCleanup(server.cleanup)
+        sock, worker, daemon = _daemonWorker(server)
+        self.addCleanup(_kill, daemon)
+        warnings = [
+            e["text"] for e in server.events()
+            if e.get("level") == "warn" and "--cgroup auto" in e.get("text", "")
+        ]
+        self.assertEqual(
+            warnings,
+            ["--cgroup auto: workers get no cgroup (no cgroup v2 hierarchy is mounted); "
+             "they are killed by process group, which a setsid daemon leaves"],
+        )
+        self.assertFalse(os.path.exists(os.path.join(root, f"closewatch-{server.pid}")))
+        sock.close()
+        waitGone([worker], 3)
+        time.sleep(0.2)
+        self.assertTrue(alive(daemon))
+        self.assertEqual(server.endOf(1)["reason"], "client-closed")
 
     def test_memoryNeedsController(self) -> None:
         """
