@@ -3,6 +3,7 @@
 Worker birth through the spawner, against peers measured in the same run:
 
     python bench/spawn_bench.py [--runs 3] [--main /work/main] [--load 3000]
+        [--only sql,python,sh,load,kill] [--closewatch-args '--cgroup off']
 
 Each run measures, alternating the servers:
 
@@ -118,59 +119,111 @@ def killLatency(server: cb.Server, trials: int) -> float | None:
     return cb.killCell(server, "close", 1, trials)["p50_ms"]
 
 
+PARTS = ("sql", "python", "sh", "load", "kill")
+
+
+def _spawnerPid(server: cb.Server, timeout: float = 5.0) -> int | None:
+    """
+    The server's spawner (started once the server has bound its port).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in cb._children(server.pid):
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    if b"spawnerprocess" in f.read():
+                        return child
+            except OSError:
+                continue
+        time.sleep(0.05)
+    return None
+
+
+def shRate(server: cb.Server, peer: cb.Server, conns: int) -> dict:
+    """
+    The C{sh} worker's connection rate, closewatch and its peer alternated
+    twice; with closewatch's and its spawner's CPU per connection.
+    """
+    spawner = _spawnerPid(server)
+    rates: dict[str, list[float]] = {"closewatch": [], "peer": [], "cpu": [], "spawnerCpu": []}
+    for _ in range(2):
+        before = cb._cpuSeconds(spawner) if spawner else 0.0
+        a = cb.connRate(server, conns)
+        if spawner:
+            rates["spawnerCpu"].append((cb._cpuSeconds(spawner) - before) * 1e6 / conns)
+        rates["closewatch"].append(a["conn_per_s"])
+        rates["cpu"].append(a["server_cpu_us_per_conn"])
+        rates["peer"].append(cb.connRate(peer, conns)["conn_per_s"])
+    result = {
+        "closewatch_per_s": statistics.median(rates["closewatch"]),
+        "tcpserver_per_s": statistics.median(rates["peer"]),
+        "server_cpu_us_per_conn": statistics.median(rates["cpu"]),
+    }
+    if rates["spawnerCpu"]:
+        result["spawner_cpu_us_per_conn"] = statistics.median(rates["spawnerCpu"])
+    result["ratio"] = result["closewatch_per_s"] / result["tcpserver_per_s"]
+    return result
+
+
 def oneRun(args: argparse.Namespace, logdir: Path) -> dict:
     here = cb.ROOT
+    parts = set(args.only)
     result: dict = {"loadavg_start": loadavg()}
     sqlCold = [sys.executable, "-m", "twisted_closewatch.sqlworker"]
     db = logdir / "bench.sqlite3"
     os.environ["CLOSEWATCH_DATABASE"] = str(db)
 
-    warm = closewatch(here, [], logdir)
-    cold = tcpserver(sqlCold, logdir)
-    try:
-        # Each creates the database on first use: not part of the figure.
-        sqlRate(warm, 1, 3)
-        result["sql_closewatch"] = sqlRate(warm, args.seconds, 2000)
-        result["sql_tcpserver_cold"] = sqlRate(cold, args.seconds, 2000)
-    finally:
-        cb.stopServer(warm)
-        cb.stopServer(cold)
-    result["sql_ratio"] = result["sql_closewatch"]["per_s"] / result["sql_tcpserver_cold"]["per_s"]
+    if "sql" in parts:
+        warm = closewatch(here, [], logdir)
+        cold = tcpserver(sqlCold, logdir)
+        try:
+            # Each creates the database on first use: not part of the figure.
+            sqlRate(warm, 1, 3)
+            result["sql_closewatch"] = sqlRate(warm, args.seconds, 2000)
+            result["sql_tcpserver_cold"] = sqlRate(cold, args.seconds, 2000)
+        finally:
+            cb.stopServer(warm)
+            cb.stopServer(cold)
+        result["sql_ratio"] = (
+            result["sql_closewatch"]["per_s"] / result["sql_tcpserver_cold"]["per_s"]
+        )
 
-    script = HERE / f"{HELLO_MODULE}.py"
-    pyWarm = closewatch(here, ["--python-worker", f"{HELLO_MODULE}:main"], logdir)
-    pyCold = closewatch(here, ["--", sys.executable, str(script)], logdir)
-    try:
-        result["python_warm"] = firstByte(pyWarm, 200)
-        result["python_cold"] = firstByte(pyCold, 50)
-    finally:
-        cb.stopServer(pyWarm)
-        cb.stopServer(pyCold)
+    if "python" in parts:
+        script = HERE / f"{HELLO_MODULE}.py"
+        pyWarm = closewatch(here, ["--python-worker", f"{HELLO_MODULE}:main"], logdir)
+        pyCold = closewatch(here, ["--", sys.executable, str(script)], logdir)
+        try:
+            result["python_warm"] = firstByte(pyWarm, 200)
+            result["python_cold"] = firstByte(pyCold, 50)
+        finally:
+            cb.stopServer(pyWarm)
+            cb.stopServer(pyCold)
 
-    sh = closewatch(here, ["--", "/bin/sh", str(cb.PIDWORKER)], logdir)
-    peer = tcpserver(["/bin/sh", str(cb.PIDWORKER)], logdir)
-    try:
-        a = cb.connRate(sh, args.conns)
-        b = cb.connRate(peer, args.conns)
-        a2 = cb.connRate(sh, args.conns)
-        b2 = cb.connRate(peer, args.conns)
-    finally:
-        cb.stopServer(peer)
-    result["sh_closewatch_per_s"] = statistics.median([a["conn_per_s"], a2["conn_per_s"]])
-    result["sh_tcpserver_per_s"] = statistics.median([b["conn_per_s"], b2["conn_per_s"]])
-    result["sh_ratio"] = result["sh_closewatch_per_s"] / result["sh_tcpserver_per_s"]
-    try:
-        if args.load:
-            load = cb.spawnUnderLoad(sh, args.load, 3, 50)
-            result["load"] = {k: load.get(k) for k in (
-                "background_opened", "idle_p50_ms", "loaded_p50_ms", "ratio",
-                "server_fds_per_connection", "background_alive_after")}
-    finally:
-        cb.stopServer(sh)
+    shWorker = ["--", "/bin/sh", str(cb.PIDWORKER)]
+    if parts & {"sh", "load"}:
+        sh = closewatch(here, [*args.closewatch_args, *shWorker], logdir)
+        try:
+            if "sh" in parts:
+                peer = tcpserver(["/bin/sh", str(cb.PIDWORKER)], logdir)
+                try:
+                    rate = shRate(sh, peer, args.conns)
+                finally:
+                    cb.stopServer(peer)
+                result["sh"] = rate
+                result["sh_closewatch_per_s"] = rate["closewatch_per_s"]
+                result["sh_tcpserver_per_s"] = rate["tcpserver_per_s"]
+                result["sh_ratio"] = rate["ratio"]
+            if "load" in parts and args.load:
+                load = cb.spawnUnderLoad(sh, args.load, 3, 50)
+                result["load"] = {k: load.get(k) for k in (
+                    "background_opened", "idle_p50_ms", "loaded_p50_ms", "ratio",
+                    "server_fds_per_connection", "background_alive_after")}
+        finally:
+            cb.stopServer(sh)
 
-    if args.main:
-        mine = closewatch(here, ["--", "/bin/sh", str(cb.PIDWORKER)], logdir)
-        theirs = closewatch(Path(args.main), ["--", "/bin/sh", str(cb.PIDWORKER)], logdir)
+    if "kill" in parts and args.main:
+        mine = closewatch(here, shWorker, logdir)
+        theirs = closewatch(Path(args.main), shWorker, logdir)
         try:
             mineP50, theirP50 = [], []
             for _ in range(3):
@@ -194,7 +247,14 @@ def main() -> int:
     ap.add_argument("--load", type=int, default=3000, help="live connections for spawn p50")
     ap.add_argument("--kills", type=int, default=40, help="FINs per kill-latency cell")
     ap.add_argument("--main", default=None, help="a closewatch tree to compare kill latency with")
+    ap.add_argument("--only", type=lambda text: text.split(","), default=list(PARTS),
+                    help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
+    ap.add_argument("--closewatch-args", type=str.split, default=[],
+                    help="extra closewatch options for the sh and load parts, e.g. '--cgroup off'")
     args = ap.parse_args()
+    unknown = set(args.only) - set(PARTS)
+    if unknown:
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     cb.raiseFdLimit(args.load * 2 + 1000)
     logdir = Path(tempfile.mkdtemp(prefix="spawn-bench-"))
     runs = []
@@ -220,6 +280,7 @@ def main() -> int:
         "sql_closewatch.per_s", "sql_closewatch.answer_p50_ms", "sql_tcpserver_cold.per_s",
         "sql_tcpserver_cold.answer_p50_ms", "sql_ratio", "python_warm.p50_ms",
         "python_cold.p50_ms", "sh_closewatch_per_s", "sh_tcpserver_per_s", "sh_ratio",
+        "sh.server_cpu_us_per_conn", "sh.spawner_cpu_us_per_conn",
         "load.idle_p50_ms", "load.loaded_p50_ms", "load.ratio", "kill_p50_ms",
         "kill_p50_main_ms", "kill_ratio")}
     summary["loadavg"] = [(r["loadavg_start"], r["loadavg_end"]) for r in runs]
