@@ -27,9 +27,13 @@ from tests.support import (
 
 #: The worker's stdin pipe (1 MiB) plus the read-ahead plus some more: with
 #: a worker that never reads, the relay is paused and the rest sits in the
-#: server's socket buffer, leaving nothing queued on the client side.
+#: server's socket buffer, leaving nothing queued on the client side.  The
+#: rest must fit the buffer as it is when nobody reads it (about 83 KiB of
+#: data under the default tcp_rmem): the kernel grows a receive buffer only
+#: as fast as its reader reads, and a server slowed by other work read too
+#: slowly for 128 KiB more to fit (the client's queue then never emptied).
 READ_AHEAD = 64 * 1024
-BACKLOG = 1024 * 1024 + READ_AHEAD + 128 * 1024
+BACKLOG = 1024 * 1024 + READ_AHEAD + 32 * 1024
 
 
 def sendBacklog(sock: socket.socket, total: int = BACKLOG) -> None:
