@@ -356,7 +356,7 @@ class Guard:
         self._refusal: str | None = None
         self._deadline = math.inf
         self._writers: WriterQueue | None = None
-        self._beginsWriting = False
+        self._statement = ""
 
     def limitProcess(self) -> None:
         """
@@ -470,7 +470,7 @@ class Guard:
         Whether the statement being prepared takes the database's write lock.
         """
         if action == sqlite3.SQLITE_TRANSACTION:
-            return arg1 == "BEGIN" and self._beginsWriting
+            return arg1 == "BEGIN" and beginsWriting(self._statement)
         return action in _WRITE_ACTIONS and database != "temp"
 
     def progress(self) -> int:
@@ -482,10 +482,12 @@ class Guard:
 
     def startStatement(self, sql: str) -> None:
         """
-        A client statement begins: start its clock, forget old refusals.
+        A client statement begins: start its clock, forget old refusals,
+        keep its text (a BEGIN's kind is read from it, if the authorizer
+        meets one).
         """
         self._refusal = None
-        self._beginsWriting = beginsWriting(sql)
+        self._statement = sql
         if self.settings.statementTimeout is not None:
             self._deadline = self._clock() + self.settings.statementTimeout
 
