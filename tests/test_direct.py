@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -521,6 +522,65 @@ class ProxyHeaderTests(DirectTestCase):
             end = node.endOf(1)
             self.assertEqual(end["reason"], "client-closed")
             self.assertEqual(end["bytes_in"], len(b"hello through haproxy\n"))
+
+
+#: Sets C{SO_LINGER} (30 s) on the socket it was given, fills the socket's
+#: send buffer, says on stderr how much it sent, and exits.
+LINGERING_WORKER = r"""
+import os, socket, struct, sys
+sock = socket.socket(fileno=os.dup(1))
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 30))
+sock.setblocking(False)
+sent = 0
+try:
+    while True:
+        sent += sock.send(b"x" * 65536)
+except BlockingIOError:
+    pass
+print("sent", sent, file=sys.stderr)
+"""
+
+
+class HostileWorkerTests(DirectTestCase):
+    """
+    What a worker leaves on the socket it owned does not stop the server
+    once it is the server's again.
+    """
+
+    def test_lingerOption(self) -> None:
+        """
+        A worker's C{SO_LINGER} would make the server's last close of the
+        socket wait for a client that stopped reading (30 s here), in the
+        reactor: the connection ends at once instead, and the server serves
+        on.
+        """
+        server = self.startServer(
+            command=["/bin/sh", "-c", 'echo $$; exec "$PYTHON" -c "$WORKER"'],
+            env={"PYTHON": sys.executable, "WORKER": LINGERING_WORKER},
+        )
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        readLine(sock)
+
+        def sent() -> int | None:
+            for event in server.events():
+                words = event.get("text", "").split()
+                if words[-2:-1] == ["sent"]:
+                    return int(words[-1])
+            return None
+
+        total = wait(sent, 10)
+        # Enough for the server's FIN to be queued, not all of it: the rest
+        # waits in the server's socket, which the client no longer reads.
+        got = 0
+        while got < total * 0.6:
+            got += len(sock.recv(65536))
+        self.assertEqual(server.endOf(1, timeout=5)["reason"], "worker-exited")
+        other, pid = server.connectWorker()
+        other.close()
+        self.assertTrue(pidfdWaitGone(pid, 5))
 
 
 class StartupConflictTests(TestCase):

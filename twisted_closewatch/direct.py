@@ -176,6 +176,9 @@ class DirectConnection:
     def clientDisconnected(self, reason: Failure) -> None:
         self._kill(lambda: self._departure.lossReason(reason))
         self._idle.stop()
+        # The probe's close is the server's last: a worker's SO_LINGER
+        # would make it block the reactor.
+        self._probe.stopLingering()
         self._departure.close()
         if self.state in (State.KILLED, State.CLIENT_GONE, State.LINGERING):
             self.state = State.WORKER_EXITING

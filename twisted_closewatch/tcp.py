@@ -123,6 +123,8 @@ _FIELDS = {
     "notsent_bytes": (144, "I"),
 }
 _TCP_INFO_SIZE = 256
+#: struct linger: l_onoff, l_linger (seconds).
+_LINGER = struct.Struct("ii")
 
 
 def tcpInfo(sock: socket.socket) -> TCPInfo | None:
@@ -463,6 +465,26 @@ class SocketProbe:
         again, as the reactor needs it.
         """
         self.socket.setblocking(blocking)
+
+    def stopLingering(self) -> None:
+        """
+        Make the socket's last close return at once, before it is closed.
+
+        C{SO_LINGER} with a timeout, which a C{--direct} worker may set on
+        the socket it was given, makes the close that releases the socket
+        wait, up to that timeout, for the client to take what it has not
+        taken yet: in the server, that close is made by the reactor, which
+        would serve nobody meanwhile.  A zero timeout (Twisted's
+        C{abortConnection}: a reset) is kept.
+        """
+        try:
+            onOff, seconds = _LINGER.unpack(
+                self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER.size)
+            )
+            if onOff and seconds:
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER.pack(0, 0))
+        except OSError:
+            pass
 
     def info(self) -> TCPInfo | None:
         """

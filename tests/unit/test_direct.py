@@ -7,6 +7,7 @@ counts from C{TCP_INFO}, and the start-up conflicts.
 from __future__ import annotations
 
 import socket
+import struct
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -24,6 +25,7 @@ from tests.unit.fakes import (
     Harness,
     spawnFailure,
 )
+from twisted_closewatch import tcp
 from twisted_closewatch.client import IClient
 from twisted_closewatch.config import Config, InvalidSetting
 from twisted_closewatch.direct import DirectConnection, State
@@ -72,6 +74,13 @@ class SocketProbe(FakeProbe):
 
     def consumed(self) -> int:
         return self.consumedBytes
+
+    def stopLingering(self) -> None:
+        self.actions.append("stop-lingering")
+
+    def close(self) -> None:
+        self.actions.append("close-probe")
+        super().close()
 
 
 class DirectHarness(Harness):
@@ -317,6 +326,18 @@ class WorkerEndTests(SynchronousTestCase):
         self.assertEqual(h.ended, [h.record])
         self.assertEqual(h.record.reason, EndReason.WORKER_EXITED)
 
+    def test_lingerOptionOff(self) -> None:
+        """
+        The probe's close is the server's last of the socket: whatever
+        C{SO_LINGER} the worker set is off first, so that the close cannot
+        block the reactor.
+        """
+        h = DirectHarness()
+        h.exits()
+        h.client.readConnectionLost()
+        h.client.connectionLost(DONE)
+        self.assertEqual(h.actions[-2:], ["stop-lingering", "close-probe"])
+
     def test_lingerBounded(self) -> None:
         h = DirectHarness()
         h.exits()
@@ -362,6 +383,43 @@ class TransferredTests(SynchronousTestCase):
 
     def test_reset(self) -> None:
         self.assertEqual(transferred(info(CLOSE, 2, 0), reset=True), (2, 0))
+
+
+class StopLingeringTests(SynchronousTestCase):
+    """
+    L{tcp.SocketProbe.stopLingering} on a real socket.
+    """
+
+    def lingerAfter(self, onOff: int, seconds: int) -> tuple[int, int]:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        self.addCleanup(ours.close)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", onOff, seconds))
+        tcp.SocketProbe(ours).stopLingering()
+        linger = ours.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+        return struct.unpack("ii", linger)
+
+    def test_timeoutTurnedOff(self) -> None:
+        """
+        A linger with a timeout (a worker's) is turned off (Linux keeps
+        the timeout it had, unused).
+        """
+        self.assertEqual(self.lingerAfter(1, 30)[0], 0)
+
+    def test_resetKept(self) -> None:
+        """
+        A linger without a timeout (Twisted's C{abortConnection}: a reset)
+        is kept.
+        """
+        self.assertEqual(self.lingerAfter(1, 0), (1, 0))
+
+    def test_closed(self) -> None:
+        """
+        A closed socket: nothing to do, and no error.
+        """
+        sock = socket.socket()
+        sock.close()
+        tcp.SocketProbe(sock).stopLingering()
 
 
 class UnixPeerTests(SynchronousTestCase):
