@@ -541,6 +541,40 @@ print("sent", sent, file=sys.stderr)
 """
 
 
+#: Left the worker's group with its socket (fd 1), makes the socket
+#: blocking whenever the server has made it non-blocking, and takes what
+#: the client sends when it is readable, a moment later: at times between
+#: the server's epoll and its read.
+RACING_SURVIVOR = r"""
+import fcntl, os, random, select, socket, time
+sock = socket.socket(fileno=os.dup(1))
+poller = select.poll()
+poller.register(sock.fileno(), select.POLLIN)
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    flags = fcntl.fcntl(1, fcntl.F_GETFL)
+    fcntl.fcntl(1, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    if not poller.poll(100):
+        continue
+    until = time.perf_counter() + random.uniform(0, 300e-6)
+    while time.perf_counter() < until:
+        pass
+    try:
+        while sock.recv(65536, socket.MSG_DONTWAIT):
+            pass
+        break
+    except BlockingIOError:
+        pass
+"""
+
+
+def _killIfAlive(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
 class HostileWorkerTests(DirectTestCase):
     """
     What a worker leaves on the socket it owned does not stop the server
@@ -581,6 +615,41 @@ class HostileWorkerTests(DirectTestCase):
         other, pid = server.connectWorker()
         other.close()
         self.assertTrue(pidfdWaitGone(pid, 5))
+
+    def test_blockingSurvivor(self) -> None:
+        """
+        A process that survived the worker with its socket (C{--cgroup
+        off}: it left the group) and makes the socket blocking again does
+        not make the server's lingering close wait in a read of it, where
+        the server would serve nobody until the client sent more: the
+        server drops the client's input with reads that never wait.
+        """
+        if not os.access(f"/proc/{os.getpid()}/stack", os.R_OK):
+            raise SkipTest("reading a process's kernel stack needs root")
+        server = self.startServer(
+            ["--cgroup", "off"],
+            ["/bin/sh", "-c", 'setsid "$PYTHON" -c "$SURVIVOR" & echo $$ $!; sleep 0.2'],
+            env={"PYTHON": sys.executable, "SURVIVOR": RACING_SURVIVOR},
+        )
+        sock = server.connect()
+        self.addCleanup(sock.close)
+        pid, survivor = (int(p) for p in readLine(sock).split())
+        self.addCleanup(_killIfAlive, survivor)
+        self.assertTrue(pidfdWaitGone(pid, 5))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        blocked = sent = 0
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and alive(survivor):
+            try:
+                sock.send(b".")
+            except OSError:
+                break
+            sent += 1
+            time.sleep(0.004)
+            with open(f"/proc/{server.pid}/stack") as f:
+                blocked += "sk_wait_data" in f.read()
+        self.assertEqual(blocked, 0, f"the server waited in a read {blocked} times")
+        self.assertGreater(sent, 50)
 
 
 class StartupConflictTests(TestCase):

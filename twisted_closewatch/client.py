@@ -18,7 +18,9 @@ from typing import Any
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IPushProducer,
+    IReactorFDSet,
     IReactorTime,
+    IReadDescriptor,
     ISSLTransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
@@ -86,11 +88,18 @@ class IClient(Interface):
         Close after what was written has been sent.
         """
 
-    def linger(limit: float) -> None:
+    def linger(limit: float, shared: bool = False) -> None:
         """
         Close after what was written, without the reset that the client's
         unread input would cause: end the output, then drop what the client
         still sends until it closes or goes quiet, C{limit} seconds at most.
+
+        @param shared: whether a process other than the server may still
+            hold the socket (C{--direct}: one that left the worker's group,
+            or was sent the socket): the client's input is then dropped by
+            reads that never wait, not by the transport's, which would block
+            the reactor if that process made the socket blocking and read
+            the input first.
         """
 
     def abort() -> None:
@@ -134,6 +143,7 @@ class ByteStreamClient(Protocol):
     _transport: Any
     _events: IClientEvents
     _linger: LingeringClose | None = None
+    _drain: _InputDrain | None = None
 
     def __init__(
         self,
@@ -143,7 +153,8 @@ class ByteStreamClient(Protocol):
     ) -> None:
         """
         @param connect: makes the relay for this client, once connected.
-        @param clock: what the lingering close is timed by.
+        @param clock: what the lingering close is timed by (the reactor,
+            which also reads a C{shared} socket's lingering input).
         @param probe: finds the transport's socket, if it has one.
         """
         self._connect = connect
@@ -177,6 +188,8 @@ class ByteStreamClient(Protocol):
             self._linger.outputDone()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._drain is not None:
+            self._drain.stop()
         if self._linger is not None:
             self._linger.stop()
         self._events.clientDisconnected(reason)
@@ -210,10 +223,65 @@ class ByteStreamClient(Protocol):
     def closeGracefully(self) -> None:
         self._transport.loseConnection()
 
-    def linger(self, limit: float) -> None:
+    def linger(self, limit: float, shared: bool = False) -> None:
         unread = (lambda: 0) if self.probe is None else self.probe.unread
         self._linger = LingeringClose(self._transport, self._clock, limit, unread)
+        if shared and self.probe is not None:
+            self._transport.pauseProducing()
+            self._drain = _InputDrain(
+                self.probe, self._linger, self._transport, IReactorFDSet(self._clock)
+            )
         self._linger.start()
 
     def abort(self) -> None:
         self._transport.abortConnection()
+
+
+@implementer(IReadDescriptor)
+class _InputDrain:
+    """
+    A lingering client's input, read and dropped through its probe, never
+    waiting (see the C{shared} of L{IClient.linger}), from the moment it is
+    made until the input ends or the connection is lost.
+    """
+
+    def __init__(
+        self, probe: SocketProbe, linger: LingeringClose, transport: Any, reactor: IReactorFDSet
+    ) -> None:
+        self._probe = probe
+        self._linger = linger
+        self._transport = transport
+        self._reactor: IReactorFDSet | None = reactor
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self._probe.fileno()
+
+    def doRead(self) -> None:
+        try:
+            received = self._probe.dropInput()
+        except BlockingIOError:
+            return
+        except OSError:
+            self.stop()
+            self._transport.abortConnection()
+            return
+        if received:
+            self._linger.inputReceived()
+        else:
+            self.stop()
+            self._linger.inputDone()
+
+    def stop(self) -> None:
+        """
+        Read no more (before the probe is closed).
+        """
+        reactor, self._reactor = self._reactor, None
+        if reactor is not None:
+            reactor.removeReader(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "closewatch-drain"

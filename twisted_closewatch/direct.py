@@ -36,9 +36,11 @@ reason is read after it.  While the worker runs, the Twisted transport
 neither reads nor writes the socket, and the socket is blocking (as a
 worker expects its stdin to be: the flag belongs to the open file, so every
 copy shares it); it is made non-blocking again at the reap, before the
-reactor uses it.  The byte counts come from C{TCP_INFO}, read at the reap,
-and the idle timeout from the kernel's time since the client's last data
-(L{KernelIdleTimeout}).
+reactor uses it, and the lingering close then drops the client's input
+with reads that never wait, not through the transport: a process the kill
+did not reach may share the socket, and its flag, still.  The byte counts
+come from C{TCP_INFO}, read at the reap, and the idle timeout from the
+kernel's time since the client's last data (L{KernelIdleTimeout}).
 """
 
 from __future__ import annotations
@@ -210,8 +212,10 @@ class DirectConnection:
         if self.state is State.RUNNING:
             self.state = State.LINGERING
             self._takeBack()
-            self._client.resumeReading()
-            self._client.linger(LINGER_SECONDS)
+            # Not through the transport: a process the worker's kill did not
+            # reach (it left the group, or was sent the socket) may hold the
+            # socket still, and make it blocking.
+            self._client.linger(LINGER_SECONDS, shared=True)
         elif self.state is State.KILLED:
             self.state = State.CLIENT_GONE
             self._takeBack()

@@ -466,6 +466,18 @@ class SocketProbe:
         """
         self.socket.setblocking(blocking)
 
+    def dropInput(self, size: int = 65536) -> int:
+        """
+        Read and drop up to C{size} bytes of the client's input without
+        waiting (C{MSG_DONTWAIT}), whatever the socket's blocking flag, which
+        every holder of the socket shares and may change.
+
+        @return: how many; 0 once the client's input has ended.
+        @raise BlockingIOError: there is nothing to read now.
+        @raise OSError: the connection is lost.
+        """
+        return len(self.socket.recv(size, socket.MSG_DONTWAIT))
+
     def stopLingering(self) -> None:
         """
         Make the socket's last close return at once, before it is closed.

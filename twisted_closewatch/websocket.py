@@ -514,10 +514,11 @@ class WebSocketClient:
             self.transport.write(self._ws.send(self._closeFrame()))
         self._closeBeneath()
 
-    def linger(self, limit: float) -> None:
+    def linger(self, limit: float, shared: bool = False) -> None:
         """
         The worker is done: its last line, our close frame (1000), then the
-        client's close frame is awaited, C{limit} seconds at most.
+        client's close frame is awaited, C{limit} seconds at most.  (The
+        socket is never C{shared}: no worker is given it.)
         """
         if self.state is not ClientState.OPEN:
             self.closeGracefully()

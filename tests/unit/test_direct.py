@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -64,6 +65,7 @@ class SocketProbe(FakeProbe):
         self.blocking = False
         self.tcp: TCPInfo | None = info()
         self.consumedBytes = 0
+        self.received: list[int | OSError] = []
 
     def setBlocking(self, blocking: bool) -> None:
         self.blocking = blocking
@@ -77,6 +79,18 @@ class SocketProbe(FakeProbe):
 
     def stopLingering(self) -> None:
         self.actions.append("stop-lingering")
+
+    def dropInput(self) -> int:
+        """
+        The next of L{received}: a count of bytes, an error to raise, or
+        nothing to read.
+        """
+        if not self.received:
+            raise BlockingIOError()
+        outcome = self.received.pop(0)
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
 
     def close(self) -> None:
         self.actions.append("close-probe")
@@ -313,18 +327,58 @@ class WorkerEndTests(SynchronousTestCase):
         h.direct.workerReaped()
         self.assertIs(h.direct.state, State.LINGERING)
         self.assertTrue(h.transport.writeClosed)
-        self.assertEqual(h.transport.producerState, "producing")
         self.assertFalse(h.probe.blocking)
         self.assertEqual((h.record.bytesIn, h.record.bytesOut), (10, 20))
-        # The client's input is drained, not given to anyone.
-        h.client.dataReceived(b"late")
+        # The client's input is dropped through the probe, never waiting,
+        # not read by the transport (see test_lingerShared).
+        self.assertEqual(h.transport.producerState, "paused")
+        [drain] = h.clock.getReaders()
+        self.assertEqual(drain.fileno(), h.probe.fd)
+        h.probe.received = [4]
+        drain.doRead()
+        drain.doRead()
         h.direct.workerEnded(0, None)
         self.assertIs(h.direct.state, State.CLOSING)
-        h.client.readConnectionLost()
+        self.assertFalse(h.transport.disconnecting)
+        h.probe.received = [0]
+        drain.doRead()
+        self.assertEqual(h.clock.getReaders(), [])
         self.assertTrue(h.transport.disconnecting)
         h.client.connectionLost(DONE)
         self.assertEqual(h.ended, [h.record])
         self.assertEqual(h.record.reason, EndReason.WORKER_EXITED)
+
+    def test_lingerReset(self) -> None:
+        """
+        A reset while the input is dropped: the connection is aborted, and
+        the probe read no more.
+        """
+        h = DirectHarness()
+        h.exits()
+        [drain] = h.clock.getReaders()
+        h.probe.received = [ConnectionResetError()]
+        drain.doRead()
+        self.assertEqual(h.clock.getReaders(), [])
+        self.assertTrue(h.transport.disconnected)
+
+    def test_lingerDropsUntilQuiet(self) -> None:
+        """
+        What is dropped through the probe is input all the same: the close
+        waits for the client to be quiet after its last.
+        """
+        h = DirectHarness()
+        h.exits()
+        [drain] = h.clock.getReaders()
+        h.client.writeConnectionLost()
+        h.clock.advance(0.4)
+        h.probe.received = [100]
+        drain.doRead()
+        h.clock.advance(0.4)
+        self.assertFalse(h.transport.disconnecting)
+        h.clock.advance(0.2)
+        self.assertTrue(h.transport.disconnecting)
+        h.client.connectionLost(DONE)
+        self.assertEqual(h.clock.getReaders(), [])
 
     def test_lingerOptionOff(self) -> None:
         """
@@ -420,6 +474,39 @@ class StopLingeringTests(SynchronousTestCase):
         sock = socket.socket()
         sock.close()
         tcp.SocketProbe(sock).stopLingering()
+
+
+class DropInputTests(SynchronousTestCase):
+    """
+    L{tcp.SocketProbe.dropInput} on a real socket that another holder made
+    blocking.
+    """
+
+    def setUp(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.addCleanup(self.theirs.close)
+        self.addCleanup(self.ours.close)
+        self.ours.setblocking(True)
+        # Were it to wait, it would fail after this long rather than hang.
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
+        self.probe = tcp.SocketProbe(self.ours)
+
+    def test_nothingToRead(self) -> None:
+        """
+        Nothing to read: it does not wait for the client.
+        """
+        started = time.monotonic()
+        self.assertRaises(BlockingIOError, self.probe.dropInput)
+        self.assertLess(time.monotonic() - started, 2.5)
+
+    def test_dropped(self) -> None:
+        self.theirs.sendall(b"x" * 10)
+        self.assertEqual(self.probe.dropInput(), 10)
+        self.assertRaises(BlockingIOError, self.probe.dropInput)
+
+    def test_ended(self) -> None:
+        self.theirs.shutdown(socket.SHUT_WR)
+        self.assertEqual(self.probe.dropInput(), 0)
 
 
 class UnixPeerTests(SynchronousTestCase):
