@@ -199,11 +199,23 @@ class SpoolFile:
 
     def room(self) -> int:
         """
-        About how much more it takes now: its own limit, and the server's
-        budget beside the space it is charged for already.
+        How much L{append} takes now: up to the ring's end as far as the
+        file may grow within the server's budget, then, once that end is
+        reached, the ring's start up to the oldest byte not read yet.  Not
+        the space the file is charged for less what it holds: while the
+        budget keeps the file short of the ring's end, what was read at
+        its start cannot be written again (until the spool is emptied).
         """
-        free = self._budget.total - self._budget.inUse + self._length - self.size
-        return max(min(self._capacity - self.size, free), 0)
+        tail = (self._head + self.size) % self._capacity
+        if self.size and tail <= self._head:
+            # Around the ring's end already: up to the oldest byte.
+            return self._head - tail
+        free = max(self._budget.total - self._budget.inUse, 0)
+        end = min(self._capacity, self._length + free)
+        room = end - tail
+        if end == self._capacity:
+            room += self._head
+        return min(room, self._capacity - self.size)
 
     def read(self, size: int) -> bytes:
         """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import random
 import tempfile
 
 from twisted.internet.error import ConnectionLost
@@ -136,6 +137,39 @@ class SpoolFileTests(SynchronousTestCase):
         second.close()
         self.assertEqual(self.budget.inUse, 0)
         self.assertEqual(self.budget.spooled, 180)
+
+    def test_roomIsWhatAppendTakes(self) -> None:
+        """
+        L{SpoolFile.room} is what L{SpoolFile.append} would take now, in any
+        state of the ring and of a budget shared with another file: above
+        all once the budget binds, when the part of the ring read already
+        but not yet reached again cannot be written (the room sizes a
+        client's read, and what a spool does not take is held in memory).
+        """
+        rng = random.Random(13)
+        spool = self.spool(perConnection=64, total=100)
+        other = self.budget.open()
+        self.addCleanup(other.close)
+        self.addCleanup(spool.close)
+        checked = 0
+        for _ in range(400):
+            action = rng.randrange(6)
+            if action == 0:
+                room = spool.room()
+                self.assertEqual(spool.append(b"x" * 100), room)
+                checked += bool(room)
+            elif action == 1:
+                spool.append(b"y" * rng.randrange(1, 40))
+            elif action == 2:
+                spool.read(rng.randrange(1, 40))
+            elif action == 3:
+                other.append(b"z" * rng.randrange(1, 40))
+            elif action == 4:
+                other.read(64)
+                other.empty()
+            elif rng.randrange(4) == 0:
+                spool.empty()
+        self.assertGreater(checked, 20)
 
     def test_writeError(self) -> None:
         """
