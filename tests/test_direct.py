@@ -541,6 +541,21 @@ print("sent", sent, file=sys.stderr)
 """
 
 
+#: Turns the user timeout and keepalive off on the socket it was given,
+#: fills the socket's send buffer, and exits.
+OPTIONS_OFF_WORKER = r"""
+import os, socket
+sock = socket.socket(fileno=os.dup(1))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+sock.setblocking(False)
+try:
+    while True:
+        sock.send(b"x" * 65536)
+except BlockingIOError:
+    pass
+"""
+
 #: Left the worker's group with its socket (fd 1), makes the socket
 #: blocking whenever the server has made it non-blocking, and takes what
 #: the client sends when it is readable, a moment later: at times between
@@ -615,6 +630,27 @@ class HostileWorkerTests(DirectTestCase):
         other, pid = server.connectWorker()
         other.close()
         self.assertTrue(pidfdWaitGone(pid, 5))
+
+    def test_socketOptionsRestored(self) -> None:
+        """
+        A worker that turned the user timeout and keepalive off, filled the
+        socket and exited, with a client that never reads: the server's
+        user timeout (2 s) applies again once the socket is the server's,
+        and the connection ends, where it would stay open as long as the
+        client answers the kernel's window probes.
+        """
+        server = self.startServer(
+            ["--user-timeout", "2"],
+            ["/bin/sh", "-c", 'echo $$; exec "$PYTHON" -c "$WORKER"'],
+            env={"PYTHON": sys.executable, "WORKER": OPTIONS_OFF_WORKER},
+        )
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        pid = int(readLine(sock))
+        self.assertTrue(pidfdWaitGone(pid, 5))
+        self.assertEqual(server.endOf(1, timeout=6)["reason"], "worker-exited")
 
     def test_blockingSurvivor(self) -> None:
         """

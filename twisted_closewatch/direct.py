@@ -123,6 +123,7 @@ class DirectConnection:
         """
         self.record = record
         self._client = client
+        self._config = config
         self._ended = ended
         probe = client.probe
         if probe is None or client.tellsCloseApart():
@@ -251,10 +252,13 @@ class DirectConnection:
     def _takeBack(self) -> None:
         """
         Stop watching, count what the connection carried, and make the
-        socket the reactor's again.
+        socket the reactor's again, with the server's keepalive and user
+        timeout whatever the worker set: they bound the close that follows
+        (a client that keeps its window shut would otherwise hold it open).
         """
         self._idle.stop()
         self._departure.unwatch()
+        self._probe.configure(self._config)
         info = self._probe.info()
         if info is not None:
             received, self.record.bytesOut = transferred(info, self.record.reason in _RESETS)

@@ -348,6 +348,16 @@ class WorkerEndTests(SynchronousTestCase):
         self.assertEqual(h.ended, [h.record])
         self.assertEqual(h.record.reason, EndReason.WORKER_EXITED)
 
+    def test_serverOptionsAgain(self) -> None:
+        """
+        Taken back, the socket gets the server's keepalive and user timeout
+        again, whatever the worker set: they bound the lingering close.
+        """
+        h = DirectHarness()
+        h.probe.configuredWith = None
+        h.exits()
+        self.assertIs(h.probe.configuredWith, h.config)
+
     def test_lingerReset(self) -> None:
         """
         A reset while the input is dropped: the connection is aborted, and
