@@ -596,6 +596,26 @@ class HostileWorkerTests(DirectTestCase):
     once it is the server's again.
     """
 
+    def serveScript(self, script: str, args: list[str] | tuple[str, ...] = ()) -> Server:
+        """
+        A server whose worker says its pid, then runs C{script} in Python.
+        """
+        return self.startServer(
+            args,
+            ["/bin/sh", "-c", 'echo $$; exec "$PYTHON" -c "$WORKER"'],
+            env={"PYTHON": sys.executable, "WORKER": script},
+        )
+
+    def connectSlowReader(self, server: Server) -> tuple[socket.socket, int]:
+        """
+        A client with a small receive buffer, and its worker's pid.
+        """
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        return sock, int(readLine(sock))
+
     def test_lingerOption(self) -> None:
         """
         A worker's C{SO_LINGER} would make the server's last close of the
@@ -603,15 +623,8 @@ class HostileWorkerTests(DirectTestCase):
         reactor: the connection ends at once instead, and the server serves
         on.
         """
-        server = self.startServer(
-            command=["/bin/sh", "-c", 'echo $$; exec "$PYTHON" -c "$WORKER"'],
-            env={"PYTHON": sys.executable, "WORKER": LINGERING_WORKER},
-        )
-        sock = socket.socket()
-        self.addCleanup(sock.close)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        readLine(sock)
+        server = self.serveScript(LINGERING_WORKER)
+        sock, _ = self.connectSlowReader(server)
 
         def sent() -> int | None:
             for event in server.events():
@@ -639,16 +652,8 @@ class HostileWorkerTests(DirectTestCase):
         and the connection ends, where it would stay open as long as the
         client answers the kernel's window probes.
         """
-        server = self.startServer(
-            ["--user-timeout", "2"],
-            ["/bin/sh", "-c", 'echo $$; exec "$PYTHON" -c "$WORKER"'],
-            env={"PYTHON": sys.executable, "WORKER": OPTIONS_OFF_WORKER},
-        )
-        sock = socket.socket()
-        self.addCleanup(sock.close)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        pid = int(readLine(sock))
+        server = self.serveScript(OPTIONS_OFF_WORKER, ["--user-timeout", "2"])
+        _, pid = self.connectSlowReader(server)
         self.assertTrue(pidfdWaitGone(pid, 5))
         self.assertEqual(server.endOf(1, timeout=6)["reason"], "worker-exited")
 
