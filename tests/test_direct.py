@@ -264,6 +264,21 @@ class HalfCloseForwardTests(DirectTestCase):
         self.assertEqual(end["reason"], "worker-exited")
         self.assertEqual((end["bytes_in"], end["bytes_out"]), (1000, 5))
 
+    def test_idleTimeoutAfterTheEOF(self) -> None:
+        """
+        A client that half-closed waits for its answer: its silence after
+        the FIN is no idle time (as in relayed mode).
+        """
+        server = self.startServer(
+            ["--half-close", "forward", "--idle-timeout", "1"],
+            ["/bin/sh", "-c", "cat >/dev/null; sleep 2; echo done"],
+        )
+        sock = server.connect()
+        sock.sendall(b"request\n")
+        sock.shutdown(socket.SHUT_WR)
+        self.assertEqual(readAll(sock, 6), b"done\n")
+        self.assertEqual(server.endOf(1)["reason"], "worker-exited")
+
     def test_finIsNoKill(self) -> None:
         server = self.startServer(["--half-close", "forward"])
         sock, pid = server.connectWorker()

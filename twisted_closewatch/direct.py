@@ -159,8 +159,16 @@ class DirectConnection:
             self._idle.start()
 
     def _sinceLastData(self) -> float | None:
+        """
+        Seconds since the client's last data, or C{None} once it cannot
+        tell: no C{TCP_INFO}, or the client's FIN is in (under
+        C{--half-close forward}), after which it sends nothing and waits,
+        as a relay's idle clock stops at the FIN.
+        """
         info = self._probe.info()
-        return None if info is None else info.lastDataRecv
+        if info is None or info.peerFinished:
+            return None
+        return info.lastDataRecv
 
     # Client events: none while the worker owns the socket, which the
     # transport does not read; afterwards, the lingering close's.

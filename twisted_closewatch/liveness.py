@@ -152,7 +152,8 @@ class KernelIdleTimeout:
     ) -> None:
         """
         @param silence: seconds since the client last sent data, or C{None}
-            if the socket cannot tell.
+            if the socket cannot tell (or the client will send no more):
+            the timer then stops.
         @param unread: bytes the client sent that were not read yet.
         """
         self._clock = clock

@@ -108,6 +108,13 @@ class TCPInfo(NamedTuple):
     bytesAcked: int = 0  # bytes sent and acknowledged, our FIN included
     bytesReceived: int = 0  # bytes received, the peer's FIN included
 
+    @property
+    def peerFinished(self) -> bool:
+        """
+        Whether the peer's FIN has been received: it will send no more data.
+        """
+        return self.state in _PEER_FIN_IN
+
 
 # (offset, format) in struct tcp_info; the byte counts need Linux 4.1 and
 # 4.2, notsent_bytes 4.6.

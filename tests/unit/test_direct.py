@@ -614,6 +614,18 @@ class KernelIdleTimeoutTests(SynchronousTestCase):
         self.clock.advance(100)
         self.assertEqual(self.gone, [])
 
+    def test_notAfterTheFIN(self) -> None:
+        """
+        Under C{--half-close forward}, once the client's FIN is in it sends
+        nothing more and waits for its answer: its silence is no sign of
+        death (a relay's idle clock stops at the FIN too).
+        """
+        h = DirectHarness(idleTimeout=2, halfClose="forward")
+        h.probe.tcp = info(CLOSE_WAIT, idle=5.0)
+        h.clock.advance(10)
+        self.assertEqual(h.worker.kills, 0)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
     def test_throughTheConnection(self) -> None:
         """
         A direct connection's idle timeout kills its worker, and the socket
