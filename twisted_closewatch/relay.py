@@ -169,6 +169,7 @@ class Relay:
                 clock,
                 self._spoolFailed,
                 config.clientReadSize,
+                config.readAhead,
             )
             self._departure = ClientDeparture(
                 client.probe, config, closeWatch, self._leave, self._pacing.clientReadsItsClose

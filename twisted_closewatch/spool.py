@@ -12,12 +12,16 @@ the disk refuses, is the client paused as before.
 
 L{SpooledInput} is the worker's stdin as the relay writes it: the producer
 the stdin pipe paces, which sends the client's bytes to the worker while it
-reads, to the spool while it does not, and feeds the worker from the spool,
-in order, as its stdin drains (the client paused meanwhile: a worker that
+reads, holds the read-ahead in memory, sends what is past it to the spool
+while the worker does not read, and feeds the worker from the spool, in
+order, as its stdin drains (the client paused meanwhile: a worker that
 reads, only slower than its client, gets its input through memory, as
-without a spool; see L{InputState}).  L{SpoolFile} is one connection's file, a
-ring in an unlinked file; L{SpoolBudget}, owned by the factory, is what all
-the connections' files may take together.
+without a spool; see L{InputState}).  Once a connection spools, its
+read-ahead goes to the spool too: a stalled connection holds one piece in
+memory, the one its stdin's writer is writing, not its read-ahead.
+L{SpoolFile} is one connection's file, a ring in an unlinked file;
+L{SpoolBudget}, owned by the factory, is what all the connections' files
+may take together.
 
 The file I/O is synchronous, on the reactor: C{pwrite}s of a client's read
 (at most 1 MiB) and C{pread}s of 64 KiB against a file the page cache
@@ -254,17 +258,21 @@ class InputState(enum.Enum):
     Where the client's bytes go now.
     """
 
-    #: To the worker's stdin: the spool is empty.
+    #: To the worker's stdin, or, while it has not passed on the last piece
+    #: it was given, to memory behind it, up to the read-ahead: the spool is
+    #: empty.
     DIRECT = "direct"
-    #: To the spool: the worker's stdin is full, or the spool not empty.
+    #: To the spool: the worker does not read (more than the read-ahead
+    #: waited for its stdin, or it stopped while fed its spool).
     SPOOLING = "spooling"
     #: The worker reads again: the client is paused while the worker is fed
     #: the spool, so that a worker that is only slower than its client does
     #: not have everything pass through the disk.  Back to L{SPOOLING} if
     #: the worker stops for L{DRAIN_PATIENCE}.
     DRAINING = "draining"
-    #: The client is paused: the stdin is full and the spool cannot take
-    #: more (a limit, or the disk); what it still sends waits in memory.
+    #: The client is paused: the read-ahead is full and the spool cannot
+    #: take more (a limit, the disk, or no spool); what it still sends
+    #: waits in memory.
     PAUSED = "paused"
     #: Nowhere: the worker closed its stdin, or the connection is over.
     CLOSED = "closed"
@@ -277,13 +285,21 @@ class SpooledInput:
     paces (Twisted's process transport has no C{stopProducing} of its own
     to pass on, so this sits between it and the client): bytes go to the
     worker, or, while it does not read, to the spool, and from the spool to
-    the worker as its stdin drains, in order.  Without a budget (spooling
-    off) a full stdin pauses the client at once.
+    the worker as its stdin drains, in order.
+
+    The stdin's writer pauses this producer as soon as it holds bytes its
+    pipe has not taken (see L{twisted_closewatch.worker.WorkerHandle}), and
+    is given the next piece when it has passed that one on: what waits
+    meanwhile is held here, in memory, so that it can go on to the spool.
+    Past the read-ahead (the writer's piece, what waits, and the read that
+    crosses the line), what waits goes to the spool, in order, and so does
+    what follows; without a budget (spooling off), the client is paused.
 
     @param failed: called if spooled bytes cannot be read back: they are
         lost, and the connection cannot go on.
     @param readSize: the most read from the client at once when its bytes
         are not spooled (L{SpoolBudget.readSize} when they are).
+    @param readAhead: the most held in memory for the worker.
     """
 
     state = InputState.DIRECT
@@ -302,6 +318,7 @@ class SpooledInput:
         clock: IReactorTime,
         failed: Callable[[], None],
         readSize: int,
+        readAhead: int,
     ) -> None:
         self._worker = worker
         self._clock = clock
@@ -312,8 +329,14 @@ class SpooledInput:
         self._budget = budget
         self._failed = failed
         self._stdinReady = True
-        #: Bytes the spool did not take, in order, behind it.
+        #: Bytes waiting for the worker's stdin in memory, in order, behind
+        #: the spool: the read-ahead, and what the spool did not take.
         self._held: deque[bytes] = deque()
+        self._heldSize = 0
+        #: Past this much waiting, the worker is taken to have stopped
+        #: reading: the writer's piece and the read that crosses it are the
+        #: rest of the read-ahead.
+        self._heldLimit = readAhead - 2 * readSize
         worker.paceInput(self)
 
     def write(self, data: bytes) -> None:
@@ -321,21 +344,26 @@ class SpooledInput:
         The client sent C{data} for the worker.
         """
         state = self.state
-        if state is InputState.DIRECT:
+        if state is InputState.DIRECT and self._stdinReady:
             self._worker.write(data)
         elif state is InputState.SPOOLING:
             self._spoolOrHold(data)
-        elif state is InputState.PAUSED or state is InputState.DRAINING:
-            if self._held or (self._spool is not None and self._spool.size):
-                self._held.append(data)
-            else:
-                self._worker.write(data)
+        elif state is not InputState.CLOSED:
+            self._hold(data)
+            if state is InputState.DIRECT and self._heldSize > self._heldLimit:
+                if self._budget is None:
+                    self._pause()
+                else:
+                    self._spoolAgain()
 
     def closeStdin(self) -> None:
         """
-        End the worker's input, once it has read what is spooled.
+        End the worker's input, once it has been given what is held and
+        spooled, and its stdin's writer has passed it all on: a writer
+        told to close while it holds a piece resumes its paused producer
+        once the piece is written, and never closes.
         """
-        if self.state is InputState.DIRECT:
+        if self.state is InputState.DIRECT and self._stdinReady:
             self._worker.closeStdin()
         elif self.state is not InputState.CLOSED:
             self._eofPending = True
@@ -349,6 +377,7 @@ class SpooledInput:
         """
         self.state = InputState.CLOSED
         self._held.clear()
+        self._heldSize = 0
         self._bePatient(False)
 
     def discard(self) -> None:
@@ -364,22 +393,18 @@ class SpooledInput:
 
     def pauseProducing(self) -> None:
         """
-        The worker's stdin is full.
+        The worker's stdin holds bytes its pipe has not taken yet.
         """
         self._stdinReady = False
-        if self.state is InputState.DIRECT:
-            if self._budget is None:
-                self._pause()
-            else:
-                self._spoolAgain()
-        elif self.state is InputState.DRAINING:
+        if self.state is InputState.DRAINING:
             self._bePatient(True)
 
     def resumeProducing(self) -> None:
         """
-        The worker's stdin takes data again: feed it what is spooled, then
-        what is held, the client paused meanwhile, and once both are empty
-        take the client's bytes directly again.
+        The worker's stdin has passed on all it was given: give it what is
+        spooled, then what is held, a piece at a time, the client paused
+        meanwhile if anything was spooled, and once both are empty take the
+        client's bytes directly again.
         """
         self._stdinReady = True
         self._bePatient(False)
@@ -390,7 +415,7 @@ class SpooledInput:
                 return
             self.state = InputState.DRAINING
             self._pacing.pauseClient()
-        while self._stdinReady and self.state in (InputState.DRAINING, InputState.PAUSED):
+        while self._stdinReady and self.state is not InputState.CLOSED:
             spool = self._spool
             if spool is not None and spool.size:
                 try:
@@ -400,9 +425,11 @@ class SpooledInput:
                     return
                 self._worker.write(chunk)
             elif self._held:
-                self._worker.write(self._held.popleft())
+                self._worker.write(self._unhold())
             else:
-                self._drained()
+                if self.state is not InputState.DIRECT or self._eofPending:
+                    self._drained()
+                return
 
     def stopProducing(self) -> None:
         """
@@ -421,10 +448,11 @@ class SpooledInput:
         """
         draining = self.state is InputState.DRAINING
         self.state = InputState.SPOOLING
-        held, self._held = self._held, deque()
+        held, self._held, self._heldSize = self._held, deque(), 0
         while held and self.state is InputState.SPOOLING:
             self._spoolOrHold(held.popleft())
-        self._held.extend(held)
+        for data in held:
+            self._hold(data)
         if self.state is InputState.SPOOLING:
             self._readForSpool()
             if draining:
@@ -451,10 +479,19 @@ class SpooledInput:
             if spool.error is not None:
                 self._logError("cannot write to the spool", spool.error)
         if taken < len(data):
-            self._held.append(data[taken:])
+            self._hold(data[taken:])
             self._pause()
         else:
             self._readForSpool()
+
+    def _hold(self, data: bytes) -> None:
+        self._held.append(data)
+        self._heldSize += len(data)
+
+    def _unhold(self) -> bytes:
+        data = self._held.popleft()
+        self._heldSize -= len(data)
+        return data
 
     def _readForSpool(self) -> None:
         """
@@ -490,6 +527,7 @@ class SpooledInput:
         self._client.setReadSize(self._readSize)
         self.state = InputState.DIRECT
         if self._eofPending:
+            self._eofPending = False
             self._worker.closeStdin()
 
     def _logError(self, what: str, error: OSError) -> None:

@@ -261,7 +261,10 @@ class WorkerHandle:
         self.outputProducer = _WorkerReading(self._process)
         stdin = self._process.pipes.get(0)
         if stdin is not None:  # not under --direct, where stdin is the socket
-            stdin.bufferSize = config.readAhead - config.clientReadSize
+            # Paused as soon as it holds what the pipe has not taken: the
+            # read-ahead waits in the worker's input (SpooledInput), which
+            # can move it to the spool, not in this buffer, which cannot.
+            stdin.bufferSize = 0
         if config.maxLifetime:
             self._lifetimeCall = clock.callLater(config.maxLifetime, sink.workerLifetimeOver)
 

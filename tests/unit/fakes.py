@@ -9,9 +9,10 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -41,6 +42,51 @@ class FakeProducer:
         self.paused = False
 
 
+class PipeWriter(FileDescriptor):
+    """
+    Twisted's own write buffer, as the worker's stdin has it (paused as soon
+    as it holds anything), in front of a pipe of C{capacity} bytes that the
+    worker empties when the test says so.
+    """
+
+    bufferSize = 0
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(MemoryReactor())
+        self.connected = True
+        self.capacity = capacity
+        self.inPipe = 0
+        #: Whether the pipe was closed: the worker reads its EOF.
+        self.closed = False
+
+    def writeSomeData(self, data: bytes) -> int:
+        taken = min(len(data), self.capacity - self.inPipe)
+        self.inPipe += taken
+        return taken
+
+    def holding(self) -> int:
+        """
+        The bytes this buffer keeps alive: those the pipe has not taken, and
+        those it has of the piece being written.
+        """
+        return len(self.dataBuffer) + self._tempDataLen
+
+    def emptied(self) -> None:
+        """
+        The worker read the pipe; the reactor then lets the buffer write
+        (and close, if it was told to once it is empty).
+        """
+        self.inPipe = 0
+        if self in self.reactor.getWriters():
+            why = self.doWrite()
+            if why is not None:
+                self.connectionLost(Failure(why))
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closed = True
+        super().connectionLost(reason)
+
+
 @implementer(IWorker)
 class FakeWorker:
     """
@@ -57,32 +103,61 @@ class FakeWorker:
     #: How much of C{stdin} the worker has read.
     consumed = 0
 
-    def __init__(self, sink: IWorkerSink, actions: list[str]) -> None:
+    def __init__(self, sink: IWorkerSink, actions: list[str], pipe: int | None = None) -> None:
+        """
+        @param pipe: if given, its stdin is Twisted's write buffer in front
+            of a pipe of this capacity (L{PipeWriter}), not C{stdinLimit}.
+        """
         self.sink = sink
         self.actions = actions
+        self.writer = None if pipe is None else PipeWriter(pipe)
         self.stdin = b""
-        self.stdinClosed = False
+        self._stdinClosed = False
         self.kills = 0
         self.outputProducer = FakeProducer()
         self.inputPacedProducer: Any = None
 
     def write(self, data: bytes) -> None:
         self.stdin += data
-        if self.stdinLimit is not None and len(self.stdin) - self.consumed > self.stdinLimit:
+        if self.writer is not None:
+            self.writer.write(data)
+        elif self.stdinLimit is not None and len(self.stdin) - self.consumed > self.stdinLimit:
             self.stdinFull()
 
     def readsAll(self) -> None:
         """
         The worker reads what was written: its stdin is drained.
         """
-        self.consumed = len(self.stdin)
-        self.stdinDrained()
+        written = len(self.stdin)
+        if self.writer is None:
+            self.consumed = written
+            self.stdinDrained()
+            return
+        for _ in range(10_000):
+            self.consumed += self.writer.inPipe
+            self.writer.emptied()
+            if self.consumed >= written:
+                return
+        raise AssertionError(f"the worker's stdin holds {written - self.consumed} bytes still")
 
     def closeStdin(self) -> None:
-        self.stdinClosed = True
+        if self.writer is None:
+            self._stdinClosed = True
+        else:
+            self.writer.loseConnection()
+
+    @property
+    def stdinClosed(self) -> bool:
+        """
+        Whether the worker's stdin was closed (with a pipe, once the worker
+        can read the EOF).
+        """
+        return self.writer.closed if self.writer is not None else self._stdinClosed
 
     def paceInput(self, producer: IPushProducer) -> None:
         self.inputPacedProducer = producer
+        if self.writer is not None:
+            self.writer.registerProducer(producer, True)
 
     def stdinFull(self) -> None:
         self.inputPacedProducer.pauseProducing()
@@ -207,12 +282,16 @@ class Harness:
         clock: MemoryReactorClock | None = None,
         aftermath: Aftermath | None = None,
         spool: SpoolBudget | None = None,
+        pipe: int | None = None,
         **config: Any,
     ) -> None:
         """
         @param clock: and C{aftermath}: another harness's, to play the
             relays of one server.
+        @param pipe: the capacity of the worker's stdin pipe behind
+            Twisted's write buffer (L{PipeWriter}), if it has one.
         """
+        self._pipe = pipe
         self._dying = dying
         self._spool = spool
         self._reapedWhileSpawning = reapedWhileSpawning
@@ -260,7 +339,7 @@ class Harness:
     def _startWorker(self, sink: IWorkerSink) -> FakeWorker:
         if self._spawnError is not None:
             raise self._spawnError
-        worker = FakeWorker(sink, self.actions)
+        worker = FakeWorker(sink, self.actions, self._pipe)
         worker.dying = self._dying
         self.workers.append(worker)
         if self._reapedWhileSpawning:
@@ -295,6 +374,15 @@ class Harness:
         self.relay.workerEnded(None, 9)
         self.turn()
 
+    def workerStops(self) -> None:
+        """
+        The worker stops reading: its stdin holds a piece its pipe does not
+        take, and the client fills the read-ahead behind it (the client is
+        paused then, unless its bytes are spooled).
+        """
+        self.worker.stdinFull()
+        self.client.dataReceived(b"s" * self.config.readAhead)
+
     def reap(self) -> None:
         """
         The killed worker is reaped (its output has not ended yet).
@@ -321,7 +409,8 @@ class FakePipe:
     def __init__(self) -> None:
         self.reading = True
         self.disconnecting = False
-        self.bufferSize = 0
+        #: Twisted's default, which the worker's stdin must not keep.
+        self.bufferSize = 2**16
 
     def startReading(self) -> None:
         self.reading = True

@@ -44,7 +44,7 @@ class IdleTimeoutTests(SynchronousTestCase):
     def test_pausedTimeDoesNotCount(self) -> None:
         h = Harness(idleTimeout=5)
         h.clock.advance(3)
-        h.worker.stdinFull()
+        h.workerStops()
         h.clock.advance(100)
         self.assertEqual(h.worker.kills, 0)
         h.worker.stdinDrained()

@@ -157,7 +157,7 @@ class ClientGoneTests(SynchronousTestCase):
         """
         h = Harness()
         h.probe.loss = EndReason.KEEPALIVE
-        h.worker.stdinFull()
+        h.workerStops()
         h.watch.sawReset(h.probe.fd)
         self.assertEqual(h.actions, ["kill", "probe"])
         self.assertEqual(h.record.reason, EndReason.KEEPALIVE)
@@ -176,7 +176,7 @@ class ClientGoneTests(SynchronousTestCase):
         had read) kills under C{--half-close kill}.
         """
         h = Harness()
-        h.worker.stdinFull()
+        h.workerStops()
         h.watch.sawClose(h.probe.fd)
         self.assertEqual(h.record.reason, EndReason.CLIENT_CLOSED)
         self.assertEqual(h.worker.kills, 1)
@@ -190,7 +190,7 @@ class ClientGoneTests(SynchronousTestCase):
         alsoProvides(h.transport, ISSLTransport)
         h.watch.sawClose(h.probe.fd)
         self.assertEqual(h.worker.kills, 0)
-        h.worker.stdinFull()
+        h.workerStops()
         h.watch.sawClose(h.probe.fd)
         self.assertEqual(h.worker.kills, 1)
 
@@ -378,7 +378,7 @@ class HalfCloseForwardTests(SynchronousTestCase):
         before it: the watch's early sight of it is not acted on.
         """
         h = Harness(halfClose="forward")
-        h.worker.stdinFull()
+        h.workerStops()
         h.watch.sawClose(h.probe.fd)
         self.assertEqual(h.worker.kills, 0)
 
@@ -405,12 +405,12 @@ class FlowControlTests(SynchronousTestCase):
 
     def test_fullStdinPausesClient(self) -> None:
         h = Harness()
-        h.worker.stdinFull()
+        h.workerStops()
         self.assertEqual(h.transport.producerState, "paused")
 
     def test_drainedStdinResumesClient(self) -> None:
         h = Harness()
-        h.worker.stdinFull()
+        h.workerStops()
         h.worker.stdinDrained()
         self.assertEqual(h.transport.producerState, "producing")
 
@@ -420,7 +420,7 @@ class FlowControlTests(SynchronousTestCase):
         read again (its data dropped) so that its close is seen.
         """
         h = Harness()
-        h.worker.stdinFull()
+        h.workerStops()
         h.worker.stdinClosedByWorker()
         self.assertEqual(h.transport.producerState, "producing")
 
@@ -437,7 +437,7 @@ class FlowControlTests(SynchronousTestCase):
         close is seen during the linger.
         """
         h = Harness()
-        h.worker.stdinFull()
+        h.workerStops()
         h.workerExits()
         self.assertEqual(h.transport.producerState, "producing")
 

@@ -32,6 +32,15 @@ from twisted_closewatch.spool import (
 )
 
 
+def inMemory(h: Harness) -> int:
+    """
+    The client's bytes the server holds in memory for the worker: what its
+    stdin's writer keeps, and what waits for it.
+    """
+    assert h.worker.writer is not None
+    return h.worker.writer.holding() + h.relay._input._heldSize
+
+
 def pattern(size: int, seed: int = 0) -> bytes:
     """
     C{size} bytes whose order shows: a counter, not a repeated byte.
@@ -219,9 +228,7 @@ class SpooledInputTests(SynchronousTestCase):
         if budget is None:
             budget = SpoolBudget(self.directory, perConnection, 1_000_000)
         self.budget = budget
-        h = Harness(spool=budget, readAhead=self.READ_AHEAD, **config)
-        h.worker.stdinLimit = 1000
-        return h
+        return Harness(spool=budget, readAhead=self.READ_AHEAD, pipe=1000, **config)
 
     def send(self, h: Harness, data: bytes, size: int = 300) -> None:
         for offset in range(0, len(data), size):
@@ -233,7 +240,9 @@ class SpooledInputTests(SynchronousTestCase):
         """
         for _ in range(100):
             h.worker.readsAll()
-            if h.relay._input.state is InputState.DIRECT:
+            if h.relay._input.state is InputState.DIRECT and not h.relay._input._heldSize:
+                return
+            if h.worker.stdinClosed:
                 return
         self.fail(f"still {h.relay._input.state} after 100 reads")
 
@@ -394,17 +403,97 @@ class SpooledInputTests(SynchronousTestCase):
         h.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.budget.inUse, 0)
 
-    def test_noSpoolPausesAtOnce(self) -> None:
+    def test_noSpoolPausesPastTheReadAhead(self) -> None:
         """
-        Without spooling, a full stdin pauses the client at once, as before.
+        Without spooling, a worker that does not read pauses its client
+        once the read-ahead is full, as before, and gets it all in order.
         """
-        h = Harness(readAhead=self.READ_AHEAD)
-        h.worker.stdinLimit = 1000
-        self.send(h, pattern(3000))
-        self.assertEqual(h.transport.producerState, "paused")
-        h.worker.readsAll()
+        h = Harness(readAhead=self.READ_AHEAD, pipe=1000)
+        # The stdin's writer holds the first read, memory the next 2048.
+        self.send(h, pattern(2100))
         self.assertEqual(h.transport.producerState, "producing")
-        self.assertEqual(h.worker.stdin, pattern(3000))
+        self.send(h, pattern(300, 1))
+        self.assertEqual(h.transport.producerState, "paused")
+        self.assertLessEqual(inMemory(h), self.READ_AHEAD)
+        self.drain(h)
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertEqual(h.worker.stdin, pattern(2100) + pattern(300, 1))
+
+    def test_readAheadGoesToTheSpoolInOrder(self) -> None:
+        """
+        Once the worker is taken to have stopped reading (the read-ahead is
+        full), what memory held goes to the spool ahead of what follows: a
+        stalled connection holds only the piece its stdin's writer has, and
+        the worker still gets every byte in order.
+        """
+        h = self.harness()
+        data = pattern(9000)
+        self.send(h, data)
+        self.assertIs(h.relay._input.state, InputState.SPOOLING)
+        self.assertEqual(h.relay._input._heldSize, 0)
+        self.assertEqual(inMemory(h), 300)
+        self.assertEqual(self.budget.spooled, 9000 - 300)
+        self.drain(h)
+        self.assertEqual(h.worker.stdin, data)
+
+    def test_shortStallStaysInMemory(self) -> None:
+        """
+        A worker that stops for less than the read-ahead does not have its
+        input pass through the disk.
+        """
+        h = self.harness()
+        data = pattern(2300)
+        self.send(h, data)
+        self.assertIs(h.relay._input.state, InputState.DIRECT)
+        self.assertEqual(inMemory(h), 2300)
+        self.drain(h)
+        self.assertEqual(h.worker.stdin, data)
+        self.assertEqual(self.budget.spooled, 0)
+
+    def test_readingWorkerGetsOnePieceAtATime(self) -> None:
+        """
+        While the worker reads, its stdin's writer is given one piece at a
+        time and what arrives meanwhile waits in memory: nothing is
+        spooled, lost or reordered, and no more than a read waits.
+        """
+        h = self.harness()
+        for i in range(30):
+            self.send(h, pattern(600, i), 600)
+            self.assertLessEqual(inMemory(h), 1200)
+            h.worker.readsAll()
+        self.drain(h)
+        self.assertEqual(h.worker.stdin, b"".join(pattern(600, i) for i in range(30)))
+        self.assertEqual(self.budget.spooled, 0)
+
+    def test_forwardEOFAfterWhatMemoryHolds(self) -> None:
+        """
+        Under C{--half-close forward} the worker's EOF waits for what its
+        stdin has not been given yet, even when nothing was spooled.
+        """
+        h = self.harness(halfClose="forward")
+        self.send(h, pattern(1000))
+        h.client.readConnectionLost()
+        self.assertFalse(h.worker.stdinClosed)
+        self.drain(h)
+        h.worker.readsAll()
+        self.assertTrue(h.worker.stdinClosed)
+        self.assertEqual(h.worker.stdin, pattern(1000))
+
+    def test_forwardEOFBehindTheWritersPiece(self) -> None:
+        """
+        An EOF that comes while the stdin's writer still holds a piece (and
+        nothing else waits) reaches the worker once the piece is written:
+        the stdin is closed only with the writer empty, as Twisted's writer
+        resumes its paused producer then rather than close.
+        """
+        h = self.harness(halfClose="forward")
+        self.send(h, pattern(1200), 1200)
+        h.client.readConnectionLost()
+        self.assertFalse(h.worker.stdinClosed)
+        h.worker.readsAll()
+        h.worker.readsAll()
+        self.assertTrue(h.worker.stdinClosed)
+        self.assertEqual(h.worker.stdin, pattern(1200))
 
     def test_largerReadsWhileSpooling(self) -> None:
         """
@@ -427,10 +516,11 @@ class SpooledInputTests(SynchronousTestCase):
         """
         budget = SpoolBudget(self.directory, 5000, 100_000, readSize=4096)
         h = self.harness(budget)
-        # 1200 to the worker (past its limit), 1200 spooled of 5000.
-        self.send(h, pattern(2400), 1200)
-        self.assertEqual(h.transport.bufferSize, 3800)
-        self.send(h, pattern(2500), 2500)
+        # 1200 to the worker's stdin, then 2400 past the read-ahead: to
+        # the spool, which takes 5000.
+        self.send(h, pattern(3600), 1200)
+        self.assertEqual(h.transport.bufferSize, 2600)
+        self.send(h, pattern(1300), 1300)
         self.assertEqual(h.transport.bufferSize, 1300)
         self.send(h, pattern(1300), 1300)
         self.assertEqual(h.transport.bufferSize, 1024)
