@@ -5,9 +5,11 @@ bounded both ways, and spawning works with many connections open.
 
 from __future__ import annotations
 
+import json
 import resource
 import socket
 import subprocess
+import sys
 import time
 
 from twisted.trial.unittest import TestCase
@@ -180,6 +182,32 @@ class MemoryTests(TestCase):
         self.assertTrue(pidfdWaitGone(pid, 0) is False, "the flood finished unread")
         sock.close()
         self.assertTrue(pidfdWaitGone(pid, 10))
+
+    def test_unusedFeaturesNotImported(self) -> None:
+        """
+        twisted.web, wsproto and prometheus_client (about 4 MB of a
+        server's memory) are imported only by the options that use them.
+        """
+        script = (
+            "import json, sys\n"
+            "from twisted_closewatch.tap import Options\n"
+            "Options().parseOptions(sys.argv[1:])\n"
+            "optional = {'twisted.web', 'wsproto', 'prometheus_client'}\n"
+            "print(json.dumps(sorted(optional & set(sys.modules))))\n"
+        )
+
+        def imported(*args: str) -> list[str]:
+            out = subprocess.run(
+                [sys.executable, "-c", script, *args, "--", "/bin/cat"],
+                capture_output=True, text=True, timeout=60, check=True,
+            )
+            return list(json.loads(out.stdout))
+
+        self.assertEqual(imported(), [])
+        self.assertEqual(
+            imported("--websocket", "--metrics", "tcp:0:interface=127.0.0.1"),
+            ["prometheus_client", "twisted.web", "wsproto"],
+        )
 
 
 class ManyConnectionsTests(TestCase):

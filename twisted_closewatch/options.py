@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attr
 from twisted.copyright import version as twistedVersion
@@ -28,10 +28,8 @@ from twisted_closewatch import (
     access,
     containment,
     handshake,
-    metrics,
     proxy,
     spawner,
-    web,
 )
 from twisted_closewatch.config import (
     SQL_WORKER_ENTRY_POINT,
@@ -42,6 +40,12 @@ from twisted_closewatch.config import (
     parseSize,
     settings,
 )
+
+if TYPE_CHECKING:
+    # Imported where --websocket and --metrics are handled: twisted.web,
+    # wsproto and prometheus_client are about 4 MB of a server's memory
+    # that one without them never uses.
+    from twisted_closewatch import web
 
 DEFAULT_LISTEN = "tcp:8787:interface=127.0.0.1"
 
@@ -345,6 +349,8 @@ class Options(usage.Options):
         if self["cgroup-warning"] is not None:
             self["warnings"].append(self["cgroup-warning"])
         if self["metrics"] is not None:
+            from twisted_closewatch import metrics
+
             if not metrics.available():
                 raise usage.UsageError(
                     "--metrics needs prometheus_client: "
@@ -432,6 +438,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--heartbeat-data does not apply to --websocket (--heartbeat sends WebSocket pings)"
             )
+        from twisted_closewatch import web
+
         static = self["static"]
         if static is not None:
             if not os.path.isdir(static):
@@ -452,6 +460,8 @@ class Options(usage.Options):
 
 
 def _parseOrigin(text: str) -> str:
+    from twisted_closewatch import web
+
     if text.strip() in ("*", "null"):
         return text.strip()
     origin = web.normalOrigin(text)
