@@ -165,7 +165,11 @@ def main() -> int:
     ap.add_argument("--io-only", action="store_true")
     ap.add_argument("--server-args", default="",
                     help="more closewatch options, space-separated (e.g. '--read-ahead 128k')")
+    ap.add_argument("--baseline-root", type=Path,
+                    help="another closewatch checkout (e.g. main's), run with the default "
+                         "settings as the server 'baseline', alternating with the others")
     args = ap.parse_args()
+    servers = args.servers.split(",") + (["baseline"] if args.baseline_root else [])
     logdir = Path(tempfile.mkdtemp(prefix="closewatch-spool-bench-"))
     spoolDir = tempfile.mkdtemp(prefix="closewatch-spool-bench-dir-")
     print(f"load average at start: {os.getloadavg()}", flush=True)
@@ -174,7 +178,7 @@ def main() -> int:
         for run in range(0 if args.io_only else args.runs):
             for n, mib in [(int(n), int(m)) for n in args.conns.split(",")
                            for m in args.mib.split(",")]:
-                for name in args.servers.split(","):
+                for name in servers:
                     if n > 1 and mib * n > 1024:
                         continue  # over --spool-total: the single connection shows the limit
                     trials = args.trials
@@ -188,9 +192,15 @@ def main() -> int:
                             *(["--spool-max", "0"] if name == "nospool" else []),
                             *args.server_args.split(),
                         ]
-                        server = b.startServer(
-                            "closewatch", [str(b.PIDWORKER)], logdir, sys.executable
-                        )
+                        root = b.ROOT
+                        if name == "baseline":
+                            b.ROOT = args.baseline_root.resolve()
+                        try:
+                            server = b.startServer(
+                                "closewatch", [str(b.PIDWORKER)], logdir, sys.executable
+                            )
+                        finally:
+                            b.ROOT = root
                     try:
                         r = backlogCell(server, n, mib * MiB, trials)
                     finally:

@@ -493,8 +493,8 @@ class Config:
     def clientReadSize(self) -> int:
         """
         The most read from the client at once: a quarter of the read-ahead
-        (at most 64 KiB).  The worker's stdin buffer pauses the client past
-        the other three quarters, so at most the read-ahead is ever held for
-        the worker.
+        (at most 64 KiB).  The worker's input holds the rest of the
+        read-ahead (L{twisted_closewatch.spool.SpooledInput}), so at most
+        the read-ahead is ever held in memory for the worker.
         """
         return max(min(self.readAhead // 4, 64 * 1024), 1)

@@ -7,8 +7,10 @@ spool cannot take more (L{twisted_closewatch.spool}; the close watch then
 takes over noticing the client's departure; the idle clock stops, the
 silence being ours); a client that stops reading pauses reading the
 worker's stdout.  One read from the client is at most a quarter of the
-read-ahead, and the worker's stdin buffer pauses the client past the other
-three quarters, so at most the read-ahead is ever held for the worker.
+read-ahead, and the worker's input (L{twisted_closewatch.spool.SpooledInput})
+holds one such piece in the stdin's writer, and what follows up to the
+read-ahead, before it spools or pauses the client: at most the read-ahead
+is ever held in memory for the worker.
 """
 
 from __future__ import annotations
