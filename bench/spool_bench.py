@@ -4,6 +4,7 @@ Closes behind a backlog, with and without the spool, and what the spool's
 synchronous file I/O costs the reactor.
 
     python bench/spool_bench.py [--runs 3] [--trials 50] [--conns 1,50] [--mib 8,100]
+                                [--baseline-root DIR]
 
 Servers (the worker `pidworker.sh` never reads its stdin): closewatch with
 the default settings (spooling on, `--spool-dir` a fresh directory), the
