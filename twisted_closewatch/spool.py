@@ -489,7 +489,21 @@ class SpooledInput:
         self._heldSize += len(data)
 
     def _unhold(self) -> bytes:
-        data = self._held.popleft()
+        """
+        The next piece for the worker's stdin: the oldest held bytes, and
+        those behind them up to one of the relay's reads, together (a
+        WebSocket client's messages come many to a read, and the writer is
+        given one piece a turn).
+        """
+        held = self._held
+        data = held.popleft()
+        if held and len(data) + len(held[0]) <= self._readSize:
+            pieces = [data]
+            size = len(data)
+            while held and size + len(held[0]) <= self._readSize:
+                pieces.append(held.popleft())
+                size += len(pieces[-1])
+            data = b"".join(pieces)
         self._heldSize -= len(data)
         return data
 

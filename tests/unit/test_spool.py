@@ -465,6 +465,24 @@ class SpooledInputTests(SynchronousTestCase):
         self.assertEqual(h.worker.stdin, b"".join(pattern(600, i) for i in range(30)))
         self.assertEqual(self.budget.spooled, 0)
 
+    def test_smallPiecesGoTogether(self) -> None:
+        """
+        Small pieces that wait while the stdin's writer is busy (WebSocket
+        messages, many to a read) are given to it together, up to one of
+        the relay's reads, not one per turn of the reactor.
+        """
+        h = self.harness()
+        for i in range(120):
+            h.client.dataReceived(pattern(10, i))
+        writer = h.worker.writer
+        assert writer is not None
+        writer.emptied()
+        # The first piece written, then the next 102 (1020 bytes: one
+        # 1024-byte read) at once.
+        self.assertEqual(len(h.worker.stdin), 10 + 1020)
+        self.drain(h)
+        self.assertEqual(h.worker.stdin, b"".join(pattern(10, i) for i in range(120)))
+
     def test_forwardEOFAfterWhatMemoryHolds(self) -> None:
         """
         Under C{--half-close forward} the worker's EOF waits for what its
