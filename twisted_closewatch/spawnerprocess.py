@@ -589,7 +589,10 @@ class Spawner:
             if ours:
                 requestID, cgroup = self._workers.pop(pid)
                 _killGroup(pid)
-                if cgroup is not None:
+                # An exited leader no longer populates its cgroup: one that
+                # can be removed held nothing else, and one that cannot has
+                # stragglers to kill.
+                if cgroup is not None and not _removeEmpty(cgroup):
                     cgroupKill(cgroup)
                     self._removing[cgroup] = time.monotonic() + CGROUP_REMOVE_TIMEOUT
             _, status = os.waitpid(pid, 0)
@@ -664,6 +667,19 @@ def _loadEntryPoint(entryPoint: str) -> Callable[[], Any]:
 def _oneLine(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
     return text.splitlines()[0] if text.strip() else type(error).__name__
+
+
+def _removeEmpty(cgroup: str) -> bool:
+    """
+    Remove C{cgroup} if nothing lives in it; whether it is gone.
+    """
+    try:
+        os.rmdir(cgroup)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _killGroup(pgid: int) -> None:
