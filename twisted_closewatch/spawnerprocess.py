@@ -66,8 +66,12 @@ CGROUP_REMOVE_TIMEOUT = 10.0
 #: reaped once none has exited for REAP_QUIET seconds, REAP_DELAY after the
 #: first at the latest, so that the dying workers get the CPUs first, and
 #: their reaps (a dozen system calls each, and a cgroup's removal) and
-#: reports (each one waking the server) come after them, in one go.
-REAP_QUIET = 0.005
+#: reports (each one waking the server) come after them, in one go.  The
+#: window is short: the deaths of a burst come a few hundred microseconds
+#: apart, while one client connecting after another (a few hundred a
+#: second) must not look like a burst, or its workers' reaps, reports and
+#: teardowns would all wait, and come together every REAP_DELAY.
+REAP_QUIET = 0.001
 REAP_DELAY = 0.05
 
 #: Every signal a worker starts with at its default disposition: an ignored
@@ -258,7 +262,8 @@ class ReapSchedule:
         """
         if self._at is None:
             return timeout
-        wait = max(0, math.ceil((self._at - now) * 1000))
+        # To the microsecond first: float noise must not add a millisecond.
+        wait = max(0, math.ceil(round((self._at - now) * 1000, 3)))
         return wait if timeout is None else min(timeout, wait)
 
     def reaped(self, now: float) -> None:

@@ -277,13 +277,14 @@ class ReapScheduleTests(SynchronousTestCase):
         reaps = spawnerprocess.ReapSchedule()
         self.assertTrue(reaps.exited(100.0))
         reaps.reaped(100.0)
+        last = 100.0 + quiet / 2
         self.assertFalse(reaps.exited(100.0 + quiet / 4))
-        self.assertFalse(reaps.exited(100.0 + quiet / 2))
+        self.assertFalse(reaps.exited(last))
         self.assertFalse(reaps.due(100.0 + quiet))
-        self.assertEqual(reaps.timeout(100.0 + quiet / 2, None), math.ceil(quiet * 1000))
-        self.assertEqual(reaps.timeout(100.0 + quiet / 2, 1), 1)
-        self.assertTrue(reaps.due(100.0 + quiet * 1.5))
-        reaps.reaped(100.0 + quiet * 1.5)
+        self.assertEqual(reaps.timeout(last, None), math.ceil(quiet * 1000))
+        self.assertEqual(reaps.timeout(last, 1), 1)
+        self.assertTrue(reaps.due(last + quiet))
+        reaps.reaped(last + quiet)
         self.assertFalse(reaps.due(200.0))
 
     def test_burstBounded(self) -> None:
@@ -301,6 +302,18 @@ class ReapScheduleTests(SynchronousTestCase):
         # The first exit put off came at 100 + quiet / 2; each step is quiet / 2.
         self.assertLessEqual(now, 100.0 + quiet + delay)
         self.assertGreater(now, 100.0 + delay - quiet)
+
+    def test_steadyStreamIsNoBurst(self) -> None:
+        """
+        One client after another, a few hundred a second: each exit is
+        reaped at once, not held for a burst that is not there.
+        """
+        reaps = spawnerprocess.ReapSchedule()
+        now = 100.0
+        for _ in range(20):
+            self.assertTrue(reaps.exited(now))
+            reaps.reaped(now)
+            now += 0.0025
 
     def test_burstFoundAtTheFirstReap(self) -> None:
         """
