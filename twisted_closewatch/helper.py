@@ -95,9 +95,15 @@ class Helper:
         """
         raise NotImplementedError()
 
-    def spawnHelper(self, argv: Sequence[str], childFDs: Mapping[int, int]) -> None:
+    def spawnHelper(
+        self,
+        argv: Sequence[str],
+        childFDs: Mapping[int, int],
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
         """
-        Start C{argv} as the helper, with the server's environment.
+        Start C{argv} as the helper, with C{environment} (by default the
+        server's).
 
         @raise OSError: it could not be started.
         """
@@ -105,7 +111,7 @@ class Helper:
             HelperProtocol(self._helperEnded),
             argv[0],
             list(argv),
-            env=dict(os.environ),
+            env=dict(os.environ if environment is None else environment),
             childFDs=dict(childFDs),
         )
 

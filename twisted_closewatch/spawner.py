@@ -144,6 +144,7 @@ class Spawner(Helper):
         self.guardian = guardian
         self._ids = itertools.count(1)
         self._answerBuffer = bytearray(spawnerprocess.ANSWER_MAX)
+        self._environment: dict[str, str] = {}
         #: request id -> the worker, and its key with the guardian
         self._workers: dict[int, tuple[SpawnedWorker, int | None]] = {}
 
@@ -163,6 +164,9 @@ class Spawner(Helper):
                     )
             except containment.ContainmentError as e:
                 raise SpawnerError(str(e)) from None
+        # The spawner's environment (the server's now): requests carry only
+        # their differences from it.
+        self._environment = dict(os.environ)
         control, controlChild = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         events, eventsChild = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -177,6 +181,7 @@ class Spawner(Helper):
             self.spawnHelper(
                 _command(config),
                 {0: devnull, 1: 2, 2: 2, 3: controlChild.fileno(), 4: eventsChild.fileno()},
+                self._environment,
             )
         except OSError as e:
             control.close()
@@ -239,8 +244,9 @@ class Spawner(Helper):
         requestID = next(self._ids)
         cgroupName = f"w{requestID}" if self.cgroupParent is not None else None
         c = self.containment
+        changed, unset = spawnerprocess.environmentDelta(self._environment, environment)
         message = spawnerprocess.encodeRequest(
-            requestID, argv, environment, cgroup=cgroupName, rlimits=c.rlimits,
+            requestID, argv, changed, unset=unset, cgroup=cgroupName, rlimits=c.rlimits,
             uid=c.uid, gid=c.gid,
         )
         if len(message) > spawnerprocess.MESSAGE_MAX:

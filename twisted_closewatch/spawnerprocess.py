@@ -13,9 +13,13 @@ The wire format is one JSON object per C{SOCK_SEQPACKET} message:
 
   - request (server to spawner), with the worker's stdin, stdout and stderr
     as three descriptors: C{{"id": N, "argv": [...] or null, "env": {...},
-    "cwd": str or null, "cgroup": NAME or null, "rlimits": [[RESOURCE,
+    "unset": [...], "cwd": str or null, "cgroup": NAME or null, "rlimits": [[RESOURCE,
     LIMIT], ...], "uid": int or null, "gid": int or null}}; C{argv} null
-    runs the Python entry point the spawner was started with;
+    runs the Python entry point the spawner was started with; the worker's
+    environment is the spawner's own (the server's, when it started the
+    spawner) with C{env} set and C{unset} removed (L{environmentDelta}):
+    the few variables of a connection, not the whole environment, are
+    encoded, sent and decoded per spawn;
   - answer: C{{"id": N, "pid": PID}} with the worker's pidfd, or C{{"id":
     N, "error": ERRNO, "message": "..."}};
   - exit report (spawner to server, events socket): C{{"id": N, "pid":
@@ -79,11 +83,36 @@ REAP_DELAY = 0.05
 DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
+def environmentDelta(
+    base: Mapping[str, str], env: Mapping[str, str]
+) -> tuple[dict[str, str], list[str]]:
+    """
+    What makes C{base} into C{env}: the variables to set, and the names to
+    remove (L{applyEnvironment} undoes it).
+    """
+    changed = {name: value for name, value in env.items() if base.get(name) != value}
+    return changed, [name for name in base if name not in env]
+
+
+def applyEnvironment(
+    base: Mapping[str, str], changed: Mapping[str, str], unset: Sequence[str]
+) -> dict[str, str]:
+    """
+    C{base} with C{changed} set and C{unset} removed.
+    """
+    env = dict(base)
+    env.update(changed)
+    for name in unset:
+        env.pop(name, None)
+    return env
+
+
 def encodeRequest(
     requestID: int,
     argv: Sequence[str] | None,
     env: Mapping[str, str],
     *,
+    unset: Sequence[str] = (),
     cwd: str | None = None,
     cgroup: str | None = None,
     rlimits: Sequence[tuple[int, int]] = (),
@@ -91,13 +120,15 @@ def encodeRequest(
     gid: int | None = None,
 ) -> bytes:
     """
-    One request to start a worker (its three pipe ends travel beside it).
+    One request to start a worker (its three pipe ends travel beside it):
+    C{env} and C{unset} say how its environment differs from the spawner's.
     """
     return json.dumps(
         {
             "id": requestID,
             "argv": None if argv is None else list(argv),
             "env": dict(env),
+            "unset": list(unset),
             "cwd": cwd,
             "cgroup": cgroup,
             "rlimits": [list(pair) for pair in rlimits],
@@ -299,6 +330,9 @@ class Spawner:
         self._wakeRead, self._wakeWrite = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._buffer = bytearray(MESSAGE_MAX)
         self._spawnerCwd = os.getcwd()
+        #: What every worker's environment is made from: the spawner's own,
+        #: as the server gave it (before a Python worker's import changes it).
+        self._environment = dict(os.environ)
 
     def load(self, entryPoint: str | None) -> None:
         """
@@ -410,7 +444,11 @@ class Spawner:
 
     def _spawn(self, request: Mapping[str, Any], fds: Sequence[int]) -> int:
         argv = request["argv"]
-        env = {str(k): str(v) for k, v in request["env"].items()}
+        env = applyEnvironment(
+            self._environment,
+            {str(k): str(v) for k, v in request["env"].items()},
+            [str(name) for name in request.get("unset", ())],
+        )
         cgroup = self._makeCgroup(request.get("cgroup"))
         contained = bool(
             request["rlimits"] or request["uid"] is not None

@@ -103,7 +103,7 @@ class WireFormatTests(SynchronousTestCase):
         )
         self.assertEqual(
             spawnerprocess.decodeMessage(data),
-            {"id": 7, "argv": ["/bin/cat", "-u"], "env": {"A": "1"}, "cwd": None,
+            {"id": 7, "argv": ["/bin/cat", "-u"], "env": {"A": "1"}, "unset": [], "cwd": None,
              "cgroup": "w7", "rlimits": [[resource.RLIMIT_NOFILE, 64]], "uid": 65534,
              "gid": 65534},
         )
@@ -113,6 +113,20 @@ class WireFormatTests(SynchronousTestCase):
         self.assertIsNone(message["argv"])
         self.assertIsNone(message["cgroup"])
         self.assertEqual(message["rlimits"], [])
+
+    def test_environmentDelta(self) -> None:
+        """
+        A request carries how the worker's environment differs from the
+        spawner's: what is set or changed, and what is removed.
+        """
+        base = {"PATH": "/bin", "HOME": "/root", "LANG": "C"}
+        env = {"PATH": "/bin", "LANG": "C.UTF-8", "TCPREMOTEIP": "127.0.0.1"}
+        changed, unset = spawnerprocess.environmentDelta(base, env)
+        self.assertEqual(changed, {"LANG": "C.UTF-8", "TCPREMOTEIP": "127.0.0.1"})
+        self.assertEqual(unset, ["HOME"])
+        self.assertEqual(spawnerprocess.applyEnvironment(base, changed, unset), env)
+        self.assertEqual(base["HOME"], "/root")
+        self.assertEqual(spawnerprocess.environmentDelta(env, env), ({}, []))
 
     def test_notAnObject(self) -> None:
         self.assertRaises(ValueError, spawnerprocess.decodeMessage, b"[1]")
