@@ -13,9 +13,8 @@ order rotated from round to round.  With C{--echo} the worker is
 C{/bin/echo hi}, which exits at once, and the client reads until the
 server's FIN: the time a one-shot worker's client waits for its end.
 Per server: the median rate of its blocks, the median of its per-round
-ratios to tcpserver, a connection's
-time (one C{connect} to the next) at p10/p50/p90/p99 and its mean, and the
-server's CPU per connection.  Every worker is killed after its block (by
+ratios to tcpserver, a connection's time (one C{connect} to the next) at
+p10/p50/p90/p99 and its mean, and the server's CPU per connection.  Every worker is killed after its block (by
 pidfd: tcpserver leaves them running), every server at the end.
 """
 
