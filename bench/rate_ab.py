@@ -14,8 +14,9 @@ C{/bin/echo hi}, which exits at once, and the client reads until the
 server's FIN: the time a one-shot worker's client waits for its end.
 Per server: the median rate of its blocks, the median of its per-round
 ratios to tcpserver, a connection's time (one C{connect} to the next) at
-p10/p50/p90/p99 and its mean, and the server's CPU per connection.  Every worker is killed after its block (by
-pidfd: tcpserver leaves them running), every server at the end.
+p10/p50/p90/p99 and its mean, and the server's CPU per connection.  Every
+worker is killed after its block (by pidfd: tcpserver leaves them
+running), every server at the end.
 """
 
 from __future__ import annotations
