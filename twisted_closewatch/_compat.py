@@ -31,6 +31,7 @@ __all__ = [
     "unixSocketPath",
     "unregisterReapHandler",
     "wrappedEndpoint",
+    "writerIdle",
 ]
 
 #: L{twisted.internet.process.Process}: the POSIX process transport, which
@@ -53,6 +54,21 @@ ProcessWriter = process.ProcessWriter
 #: L{twisted.internet.process.ProcessReader}: a child's output pipe; its
 #: C{doRead} returns C{CONNECTION_DONE}/C{CONNECTION_LOST} to end the pipe.
 ProcessReader = process.ProcessReader
+
+
+def writerIdle(writer: Any) -> bool:
+    """
+    Whether a L{ProcessWriter} is open and holds nothing not yet written to
+    its pipe (Twisted 26.10.0: C{FileDescriptor.dataBuffer} from C{offset}
+    on, then C{_tempDataBuffer}, C{_tempDataLen} bytes), so that bytes put
+    into the pipe another way now come after all it was given.
+    """
+    return bool(
+        writer.connected
+        and not writer.disconnecting
+        and not writer._tempDataLen
+        and writer.offset == len(writer.dataBuffer)
+    )
 
 
 def unregisterReapHandler(pid: int, proc: Any) -> None:

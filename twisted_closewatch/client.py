@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from twisted_closewatch.linger import LingeringClose
+from twisted_closewatch.splice import SpliceTarget, SplicingRead, spliceable
 from twisted_closewatch.tcp import SocketProbe
 
 
@@ -58,6 +59,21 @@ class IClient(Interface):
     def setReadSize(size: int) -> None:
         """
         Read at most C{size} bytes from the client at a time.
+        """
+
+    def spliceable() -> bool:
+        """
+        Whether the client's bytes are the worker's input as they arrive, on
+        a socket the kernel can splice from (plain TCP, on Linux), so that
+        L{spliceInto} would move them.
+        """
+
+    def spliceInto(target: SpliceTarget, spliced: Callable[[int], None]) -> None:
+        """
+        From now on, while C{target} gives a pipe (and the most to move into
+        it), move the client's bytes into it by the kernel, telling
+        C{spliced} how many, instead of reporting them as data.  Only for a
+        client that is L{spliceable}.
         """
 
     def registerProducer(producer: IPushProducer) -> None:
@@ -207,6 +223,12 @@ class ByteStreamClient(Protocol):
 
     def setReadSize(self, size: int) -> None:
         self._transport.bufferSize = size
+
+    def spliceable(self) -> bool:
+        return spliceable(self._transport)
+
+    def spliceInto(self, target: SpliceTarget, spliced: Callable[[int], None]) -> None:
+        SplicingRead(self._transport, target, spliced).install()
 
     def registerProducer(self, producer: IPushProducer) -> None:
         self._transport.registerProducer(producer, True)

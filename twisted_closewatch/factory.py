@@ -338,6 +338,7 @@ def _logEnd(record: ConnectionRecord) -> None:
         bytes_in=record.bytesIn,
         bytes_out=record.bytesOut,
         bytes_spooled=record.bytesSpooled,
+        bytes_spliced=record.bytesSpliced,
         kill_latency_ms=record.killLatencyMS,
         stderr_dropped=record.stderrDropped,
     )

@@ -78,6 +78,7 @@ class ConnectionRecord:
     bytesIn: int = 0
     bytesOut: int = 0
     bytesSpooled: int = 0
+    bytesSpliced: int = 0
     killLatencyMS: float | None = None
     stderrDropped: int = 0
 

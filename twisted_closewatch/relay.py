@@ -171,6 +171,7 @@ class Relay:
                 config.clientReadSize,
                 config.readAhead,
             )
+            self._input.spliceFrom(self._clientSpliced)
             self._departure = ClientDeparture(
                 client.probe, config, closeWatch, self._leave, self._pacing.clientReadsItsClose
             )
@@ -191,6 +192,15 @@ class Relay:
             self.record.bytesIn += len(data)
             self._liveness.clientSent()
             self._input.write(data)
+
+    def _clientSpliced(self, size: int) -> None:
+        """
+        The client's next C{size} bytes went into the worker's stdin by the
+        kernel (L{SpooledInput.spliceFrom}).
+        """
+        self.record.bytesIn += size
+        self.record.bytesSpliced += size
+        self._liveness.clientSent()
 
     def clientFinished(self) -> None:
         """

@@ -46,6 +46,7 @@ from twisted_closewatch.client import IClient
 from twisted_closewatch.config import Config
 from twisted_closewatch.pacing import Pacing
 from twisted_closewatch.record import ConnectionRecord
+from twisted_closewatch.splice import SplicePipe
 from twisted_closewatch.worker import IWorker
 
 log = Logger()
@@ -304,6 +305,7 @@ class SpooledInput:
 
     state = InputState.DIRECT
     _spool: SpoolFile | None = None
+    _pipe: SplicePipe | None = None
     _patience: IDelayedCall | None = None
     _errorLogged = False
     _eofPending = False
@@ -355,6 +357,41 @@ class SpooledInput:
                     self._pause()
                 else:
                     self._spoolAgain()
+
+    def spliceFrom(self, spliced: Callable[[int], None]) -> None:
+        """
+        If the client can be spliced from, and the worker's stdin pipe made
+        fit for it (L{SplicePipe}: its bound), let the client's bytes go
+        into the pipe by the kernel whenever nothing waits before them
+        (L{_spliceTarget}), telling C{spliced} how many.  Before the first
+        byte: the pipe is halved while it is empty.
+        """
+        if not self._client.spliceable():
+            return
+        fd = self._worker.idleStdin()
+        if fd is not None:
+            self._pipe = SplicePipe.halve(fd)
+        if self._pipe is not None:
+            self._client.spliceInto(self._spliceTarget, spliced)
+
+    def _spliceTarget(self) -> tuple[int, int] | None:
+        """
+        Whether the client's next bytes may go into the worker's pipe by a
+        splice now, and how many at most: only if they would come next there
+        in order (the client's bytes go to the worker directly, not to the
+        spool or behind it, and the stdin writer holds nothing not yet in
+        the pipe, and is still the pipe's), and the pipe has room within its
+        bound.  Otherwise they are read and written as usual.
+        """
+        pipe = self._pipe
+        if (
+            pipe is None
+            or self.state is not InputState.DIRECT
+            or self._worker.idleStdin() != pipe.fd
+        ):
+            return None
+        room = pipe.room()
+        return (pipe.fd, room) if room > 0 else None
 
     def closeStdin(self) -> None:
         """

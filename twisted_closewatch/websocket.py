@@ -60,6 +60,7 @@ from zope.interface import implementer
 
 from twisted_closewatch.client import IClient, IClientEvents
 from twisted_closewatch.record import EndReason
+from twisted_closewatch.splice import SpliceTarget
 from twisted_closewatch.tcp import SocketProbe
 
 log = Logger()
@@ -482,6 +483,15 @@ class WebSocketClient:
 
     def setReadSize(self, size: int) -> None:
         self.transport.bufferSize = size
+
+    def spliceable(self) -> bool:
+        """
+        Never: the client's bytes are frames, not the worker's input.
+        """
+        return False
+
+    def spliceInto(self, target: SpliceTarget, spliced: Callable[[int], None]) -> None:
+        raise TypeError("a WebSocket client's bytes are frames: they cannot be spliced")
 
     def registerProducer(self, producer: IPushProducer) -> None:
         self._pacing = _OutputPacing(producer)

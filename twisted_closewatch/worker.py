@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from twisted_closewatch import spawn
+from twisted_closewatch import _compat, spawn
 from twisted_closewatch.addresses import ucspiEnvironment
 from twisted_closewatch.config import Config
 from twisted_closewatch.record import ConnectionRecord
@@ -98,6 +98,13 @@ class IWorker(Interface):
     def drainOutput() -> None:
         """
         Read the rest of the worker's output, unpaced, so that its end is seen.
+        """
+
+    def idleStdin() -> int | None:
+        """
+        The descriptor of the worker's stdin pipe, if it is open and nothing
+        written to it waits in memory (bytes put into the pipe directly
+        then come next, in order), else C{None}.
         """
 
     def kill() -> bool:
@@ -279,6 +286,13 @@ class WorkerHandle:
 
     def drainOutput(self) -> None:
         self.outputProducer.resumeProducing()
+
+    def idleStdin(self) -> int | None:
+        stdin = self._process.pipes.get(0)
+        if stdin is None or not _compat.writerIdle(stdin):
+            return None
+        fd: int = stdin.fileno()
+        return fd
 
     def kill(self) -> bool:
         """

@@ -171,6 +171,9 @@ class FakeWorker:
     def drainOutput(self) -> None:
         self.outputProducer.drained = True
 
+    def idleStdin(self) -> int | None:
+        return None
+
     def kill(self) -> bool:
         self.kills += 1
         self.actions.append("kill")

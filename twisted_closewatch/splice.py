@@ -1,0 +1,203 @@
+"""
+A TCP client's bytes moved into its worker's stdin pipe by the kernel, with
+C{splice(2)} (Linux, Python 3.10+), instead of through Python.
+
+Measured with C{bench/splice_probe.py} and C{bench/closewatch_bench.py}
+(see C{bench/README.md}): client -> worker, splicing a socket into a pipe
+moves the socket's pages into the pipe without a copy to user space and
+back, at about a third of the CPU of C{recv} and C{write}.
+
+Two pieces, and nothing in them decides I{when} to splice (that is the
+worker's input's business, L{twisted_closewatch.spool.SpooledInput}, which
+knows what waits before the client's next bytes):
+
+    - L{SplicePipe}: the worker's stdin pipe made fit for splicing, and
+      the most one splice may move into it now (the bound, below).
+    - L{SplicingRead}: the C{doRead} of a plain TCP transport, which
+      splices when its target says so, and is Twisted's own read
+      otherwise, so flow control, the spool and the close watch see
+      nothing new.
+
+Where C{os.splice} or the pipe-size C{fcntl}s are missing (not Linux,
+Python before 3.10), L{SPLICE} is false and nothing is spliced.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import mmap
+import os
+import socket
+import termios
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone, ConnectionLost
+
+from twisted_closewatch._compat import CONNECTION_DONE, CONNECTION_LOST
+
+_F_GETPIPE_SZ: int | None = getattr(fcntl, "F_GETPIPE_SZ", None)
+_F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)
+
+#: Whether this system can splice a socket into a pipe and bound it.
+SPLICE = hasattr(os, "splice") and _F_GETPIPE_SZ is not None and _F_SETPIPE_SZ is not None
+
+#: Non-blocking on the pipe too (the socket already is), and pages moved
+#: rather than copied where the kernel can.
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+#: What a splice into a worker's pipe fails with when Twisted's own read
+#: must see the case instead: the pipe full (or the socket empty), the
+#: worker's end of the pipe closed.
+_READ_INSTEAD = frozenset({errno.EAGAIN, errno.EPIPE})
+
+
+def spliceable(transport: Any) -> bool:
+    """
+    Whether C{transport} is a TCP connection whose bytes are the worker's
+    input as they are: Twisted's own TCP transport (not TLS, not a PROXY or
+    other wrapper, which are other classes), over IPv4 or IPv6 (not a unix
+    socket, whose transport is a TCP one's subclass), on a system that
+    splices.
+    """
+    sock = getattr(transport, "socket", None)
+    return (
+        SPLICE
+        and isinstance(transport, tcp.Connection)
+        and sock is not None
+        and sock.family in (socket.AF_INET, socket.AF_INET6)
+    )
+
+
+def _queued(fd: int) -> int:
+    """
+    The bytes in pipe C{fd}, spliced and written alike (C{FIONREAD}).
+    """
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count, True)
+    return count[0]
+
+
+class SplicePipe:
+    """
+    A worker's stdin pipe with spliced bytes in it, never holding more than
+    the pipe as it was made.
+
+    A pipe counts its capacity in page-sized slots (C{F_GETPIPE_SZ} is
+    slots times the page size), and a pipe is full when its slots are, not
+    its bytes.  A C{write} puts at most a page in a slot: it fills the last
+    written slot up to a page, then takes new ones.  A splice from a socket
+    puts one of the socket's buffers in a slot, as large as it is (up to 64
+    KiB on loopback), and never shares it with a write.  So a pipe of N
+    slots holds N pages of written bytes, but up to 16 times that spliced:
+    a splice bounded by slots alone let a 1 MiB pipe take a 16 MiB backlog.
+
+    The bound, exact whatever the mix: the pipe of C{P} bytes (N slots) is
+    shrunk to C{P/2} (N/2 slots), and a splice moves at most C{P/2} less
+    the bytes in the pipe (C{FIONREAD}, spliced and written together).
+    Spliced bytes enter only by a splice, after which the pipe holds at
+    most C{P/2} bytes, and only leave it after: at most C{P/2} of them are
+    ever in the pipe.  Written bytes take at most a page per slot of N/2:
+    at most C{P/2}.  Together, at most C{P}, what the pipe held before,
+    and so the relay's bound (the pipe, plus the read-ahead in memory) is
+    kept: C{tests/test_pressure.py}.  Bounding splices by C{P - FIONREAD}
+    in the full pipe was not enough: the writes that follow a pipe full in
+    bytes still find free slots, and a stalled worker's pipe held up to
+    twice its size.
+
+    @ivar fd: the pipe's write end.
+    @ivar limit: the most bytes the pipe may hold after a splice (C{P/2}).
+    """
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.limit = limit
+
+    @classmethod
+    def halve(cls, fd: int) -> SplicePipe | None:
+        """
+        Shrink the empty pipe C{fd} to half its slots, for splicing.
+
+        @return: the pipe, or C{None} if it cannot be spliced into within
+            its bound: it holds bytes already, or is one page, or the system
+            refused (the pipe is left as it was).
+        """
+        assert _F_GETPIPE_SZ is not None and _F_SETPIPE_SZ is not None
+        try:
+            if _queued(fd):
+                return None
+            size = fcntl.fcntl(fd, _F_GETPIPE_SZ)
+            half = size // 2
+            if half < mmap.PAGESIZE:
+                return None
+            # Rounded by the kernel to a power of two of pages: P was one,
+            # so P/2 is taken as it is; checked all the same.
+            if fcntl.fcntl(fd, _F_SETPIPE_SZ, half) != half:
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+                return None
+        except OSError:
+            return None
+        return cls(fd, half)
+
+    def room(self) -> int:
+        """
+        The most the next splice may move: C{P/2} less what the pipe holds.
+
+        @raise OSError: the pipe is gone.
+        """
+        return self.limit - _queued(self.fd)
+
+
+#: Where to splice now and how much at most, or C{None} to read as usual.
+SpliceTarget = Callable[[], "tuple[int, int] | None"]
+
+
+class SplicingRead:
+    """
+    The C{doRead} of one TCP client's transport: it splices into what its
+    target gives, and is the transport's own read when the target gives
+    nothing, or when what the kernel says must be seen by Twisted (the
+    pipe full, the worker's end closed).  A FIN or an error ends the
+    transport as Twisted's read would: C{CONNECTION_DONE} (a half-close,
+    for a half-closeable protocol) or C{CONNECTION_LOST}.
+
+    @param target: gives the pipe's descriptor and the most to move, or
+        C{None} to read as usual.
+    @param spliced: told how many bytes each splice moved.
+    """
+
+    def __init__(
+        self,
+        transport: tcp.Connection,
+        target: SpliceTarget,
+        spliced: Callable[[int], None],
+    ) -> None:
+        self._transport = transport
+        self._read = transport.doRead
+        self._target = target
+        self._spliced = spliced
+
+    def install(self) -> None:
+        """
+        Take over the transport's reads: the reactor calls its C{doRead}.
+        """
+        self._transport.doRead = self.doRead  # type: ignore[method-assign]
+
+    def doRead(self) -> ConnectionLost | ConnectionDone | None:
+        where = self._target()
+        if where is None:
+            return self._read()
+        pipe, size = where
+        try:
+            moved = os.splice(self._transport.fileno(), pipe, size, flags=_FLAGS)
+        except OSError as e:
+            if e.errno in _READ_INSTEAD:
+                return self._read()
+            return CONNECTION_LOST
+        if not moved:
+            return CONNECTION_DONE
+        self._spliced(moved)
+        return None
