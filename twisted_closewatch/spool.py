@@ -377,16 +377,18 @@ class SpooledInput:
     def _spliceTarget(self) -> tuple[int, int] | None:
         """
         Whether the client's next bytes may go into the worker's pipe by a
-        splice now, and how many at most: only if they would come next there
-        in order (the client's bytes go to the worker directly, not to the
-        spool or behind it, and the stdin writer holds nothing not yet in
-        the pipe, and is still the pipe's), and the pipe has room within its
-        bound.  Otherwise they are read and written as usual.
+        splice now, and how many at most: only if they would come next there,
+        nothing waiting before them anywhere (the spool is empty and not
+        being fed, L{InputState.DIRECT}; nothing is held in memory; the
+        stdin's writer holds nothing not yet in the pipe, and is open, so
+        that the descriptor is still this pipe's), and the pipe has room
+        within its bound.  Otherwise they are read and written as usual.
         """
         pipe = self._pipe
         if (
             pipe is None
             or self.state is not InputState.DIRECT
+            or self._held
             or self._worker.idleStdin() != pipe.fd
         ):
             return None

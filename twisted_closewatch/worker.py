@@ -276,6 +276,23 @@ class WorkerHandle:
             self._lifetimeCall = clock.callLater(config.maxLifetime, sink.workerLifetimeOver)
 
     def write(self, data: bytes) -> None:
+        """
+        Into the stdin pipe at once, as much as it takes, if nothing waits
+        before C{data} in Twisted's writer (which would write it only on the
+        reactor's next turn, and so be busy whenever the client is read
+        again: no splice then); the rest to the writer.  An error is left
+        to the writer's own next write to see (a full pipe, or its reader
+        gone: the worker closed its stdin).
+        """
+        fd = self.idleStdin()
+        if fd is not None:
+            try:
+                written = os.write(fd, data)
+            except OSError:
+                written = 0
+            if written == len(data):
+                return
+            data = data[written:]
         self._process.write(data)
 
     def closeStdin(self) -> None:

@@ -409,6 +409,10 @@ def processEnded(code: int | None = 0, signal: int | None = None) -> Failure:
 
 
 class FakePipe:
+    #: No descriptor behind it: a handle writes through the process, never
+    #: into the pipe directly.
+    connected = False
+
     def __init__(self) -> None:
         self.reading = True
         self.disconnecting = False
