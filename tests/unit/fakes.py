@@ -102,6 +102,10 @@ class FakeWorker:
     stdinLimit: int | None = None
     #: How much of C{stdin} the worker has read.
     consumed = 0
+    #: A real pipe's write end standing for the stdin's, if a test splices.
+    stdinFD: int | None = None
+    #: Whether the stdin's writer holds nothing (a test says).
+    writerIdle = True
 
     def __init__(self, sink: IWorkerSink, actions: list[str], pipe: int | None = None) -> None:
         """
@@ -172,7 +176,7 @@ class FakeWorker:
         self.outputProducer.drained = True
 
     def idleStdin(self) -> int | None:
-        return None
+        return self.stdinFD if self.writerIdle else None
 
     def kill(self) -> bool:
         self.kills += 1
@@ -275,6 +279,8 @@ class Harness:
     L{FakeProbe}, on a L{MemoryReactorClock}.
     """
 
+    clientType: type[ByteStreamClient] = ByteStreamClient
+
     def __init__(
         self,
         spawnError: OSError | None = None,
@@ -309,7 +315,7 @@ class Harness:
         self.workers: list[FakeWorker] = []
         self._spawnError = spawnError
         self.transport = transport or HalfCloseableTransport()
-        self.client = ByteStreamClient(
+        self.client = self.clientType(
             self._connect, self.clock, probe=lambda transport: self.probe
         )
         self.client.makeConnection(self.transport)
@@ -339,10 +345,13 @@ class Harness:
         )
         return self.connection
 
+    def makeWorker(self, sink: IWorkerSink) -> FakeWorker:
+        return FakeWorker(sink, self.actions, self._pipe)
+
     def _startWorker(self, sink: IWorkerSink) -> FakeWorker:
         if self._spawnError is not None:
             raise self._spawnError
-        worker = FakeWorker(sink, self.actions, self._pipe)
+        worker = self.makeWorker(sink)
         worker.dying = self._dying
         self.workers.append(worker)
         if self._reapedWhileSpawning:
