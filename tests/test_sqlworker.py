@@ -407,6 +407,21 @@ class ConcurrencyTests(WorkerTestCase):
             [["a"], ["b"]],
         )
 
+    def queued_writers(self) -> int:
+        """
+        How many workers wait in the kernel's queue for the database's
+        C{flock} (C{/proc/locks} shows a waiter as C{->}).
+        """
+        inode = f":{os.stat(self.database).st_ino} "
+        with open("/proc/locks") as locks:
+            return sum("->" in line and "FLOCK" in line and inode in line for line in locks)
+
+    def wait_queued(self, count: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while self.queued_writers() < count:
+            self.assertLess(time.monotonic(), deadline, f"{count} writers never queued")
+            time.sleep(0.01)
+
     def test_writers_served_in_their_order_of_arrival(self) -> None:
         """
         A writer that has waited long is not overtaken by writers that came
@@ -414,14 +429,25 @@ class ConcurrencyTests(WorkerTestCase):
         a while, and a newcomer polling at 1 ms took the lock first (so,
         under steady contention, a writer starved past the busy timeout);
         the workers' queue serves them in turn.
+
+        Arrival is a place in the kernel's queue, so the test waits for
+        each writer to take one: a C{flock} released wakes its first waiter
+        but does not hand it the lock, and a writer that arrives before the
+        woken one runs takes it (20 times in 20 here, a newcomer trying just
+        after the release).  Without the waits, a worker slow to start under
+        load could reach its C{flock} only in that window, after the
+        holder's C{COMMIT}, and be served before the first: the likely cause
+        of the one failure seen in a whole suite's run on a loaded machine.
         """
         holder = self.holding_writer("BEGIN;")
         first = self.live_worker()
         first.send("INSERT INTO demo (name) VALUES ('first');")
-        self.assertRaises(queue.Empty, first.reply, 1.5)
+        self.wait_queued(1)
+        self.assertRaises(queue.Empty, first.reply, 0.5)
         later = [self.live_worker() for _ in range(4)]
         for worker in later:
             worker.send("INSERT INTO demo (name) VALUES ('later');")
+        self.wait_queued(5)
         self.assertRaises(queue.Empty, later[-1].reply, 0.3)
         self.assertOk(holder.request("COMMIT;"))
         for worker in [first, *later]:
