@@ -128,6 +128,73 @@ class SpliceTests(TestCase):
         self.assertGreater(end["bytes_spliced"], 0)
 
 
+#: Says its pid, then writes 6 MiB of a known sequence in pieces.
+OUTPUT_WORKER = [
+    sys.executable,
+    "-c",
+    "import os, random, sys\n"
+    "print(os.getpid(), flush=True)\n"
+    "data = random.Random(11).randbytes(6 << 20)\n"
+    "for i in range(0, len(data), 100_000):\n"
+    "    sys.stdout.buffer.write(data[i : i + 100_000])\n"
+    "    sys.stdout.flush()\n",
+]
+
+
+class OutputTests(TestCase):
+    """
+    The worker's output spliced into its client's socket.
+    """
+
+    def setUp(self) -> None:
+        if not SPLICE:
+            raise self.skipTest("no splice(2) here (Linux and Python 3.10+ only)")
+
+    def test_wholeAndInOrder(self) -> None:
+        """
+        A client that stops reading a while (its socket fills, the server
+        buffers, then pauses the worker's output) gets the worker's output
+        whole and in order; it went by splice, and is counted once.
+        """
+        server = Server([], OUTPUT_WORKER)
+        self.addCleanup(server.cleanup)
+        sock, pid = server.connectWorker()
+        self.addCleanup(sock.close)
+        received = bytearray()
+        while len(received) < MiB:
+            received += sock.recv(65536)
+        time.sleep(0.5)
+        expected = random.Random(11).randbytes(6 * MiB)
+        while len(received) < len(expected):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+        self.assertEqual(len(received), len(expected))
+        self.assertTrue(received == expected, "the output came back out of order")
+        end = server.endOf(1)
+        self.assertEqual(end["bytes_out"], len(f"{pid}\n") + len(expected))
+        self.assertGreater(end["bytes_spliced_out"], 0)
+
+    def test_resetWhileSplicing(self) -> None:
+        """
+        A client that resets while its worker's endless output is spliced
+        to it is a reset, though the splice may be what meets the reset
+        (and consumes its error): the worker is killed, and the reason is
+        read from the socket.
+        """
+        server = Server([], ["/bin/sh", "-c", "echo $$; exec cat /dev/zero"])
+        self.addCleanup(server.cleanup)
+        for connection in range(1, 4):
+            sock, pid = server.connectWorker()
+            sock.recv(1 << 20)
+            reset(sock)
+            self.assertTrue(pidfdWaitGone(pid, 5))
+            end = server.endOf(connection)
+            self.assertEqual(end["reason"], "client-reset")
+            self.assertGreater(end["bytes_spliced_out"], 0)
+
+
 class NotSplicedTests(TestCase):
     """
     Clients whose bytes reach the server through something else than a
@@ -140,7 +207,9 @@ class NotSplicedTests(TestCase):
         self.assertTrue(readLine(sock).strip().isdigit())
         sendThenCheck(self, sock, [random.Random(3).randbytes(2 * MiB)])
         end = server.endOf(1)
-        self.assertEqual((end["bytes_in"], end["bytes_spliced"]), (2 * MiB, 0))
+        self.assertEqual(
+            (end["bytes_in"], end["bytes_spliced"], end["bytes_spliced_out"]), (2 * MiB, 0, 0)
+        )
 
     def test_unix(self) -> None:
         path = unixSocketPath(self)

@@ -27,8 +27,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from twisted_closewatch._compat import writerIdle
 from twisted_closewatch.linger import LingeringClose
-from twisted_closewatch.splice import SpliceTarget, SplicingRead, spliceable
+from twisted_closewatch.splice import SplicedInput, SpliceTarget, spliceable
 from twisted_closewatch.tcp import SocketProbe
 
 
@@ -74,6 +75,13 @@ class IClient(Interface):
         it), move the client's bytes into it by the kernel, telling
         C{spliced} how many, instead of reporting them as data.  Only for a
         client that is L{spliceable}.
+        """
+
+    def idleSocket() -> int | None:
+        """
+        The descriptor of the client's socket, if it is L{spliceable}, still
+        open, and nothing written to it waits in memory (bytes put into the
+        socket directly then come next, in order), else C{None}.
         """
 
     def registerProducer(producer: IPushProducer) -> None:
@@ -228,7 +236,14 @@ class ByteStreamClient(Protocol):
         return spliceable(self._transport)
 
     def spliceInto(self, target: SpliceTarget, spliced: Callable[[int], None]) -> None:
-        SplicingRead(self._transport, target, spliced).install()
+        SplicedInput(self._transport, target, spliced).install()
+
+    def idleSocket(self) -> int | None:
+        transport = self._transport
+        if not (spliceable(transport) and writerIdle(transport)):
+            return None
+        fd: int = transport.fileno()
+        return fd
 
     def registerProducer(self, producer: IPushProducer) -> None:
         self._transport.registerProducer(producer, True)

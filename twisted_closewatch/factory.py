@@ -339,6 +339,7 @@ def _logEnd(record: ConnectionRecord) -> None:
         bytes_out=record.bytesOut,
         bytes_spooled=record.bytesSpooled,
         bytes_spliced=record.bytesSpliced,
+        bytes_spliced_out=record.bytesSplicedOut,
         kill_latency_ms=record.killLatencyMS,
         stderr_dropped=record.stderrDropped,
     )

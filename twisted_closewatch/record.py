@@ -79,6 +79,7 @@ class ConnectionRecord:
     bytesOut: int = 0
     bytesSpooled: int = 0
     bytesSpliced: int = 0
+    bytesSplicedOut: int = 0
     killLatencyMS: float | None = None
     stderrDropped: int = 0
 

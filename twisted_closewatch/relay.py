@@ -78,6 +78,10 @@ LINGER_SECONDS = 30.0
 #: before it is dropped anyway (see L{Relay._leave}).
 DROP_DELAY = 0.1
 
+#: The most of a worker's output moved to its client by one splice: its
+#: stdout pipe's default capacity.
+OUTPUT_SPLICE_SIZE = 1024 * 1024
+
 #: Called once with the record of a connection that has ended.
 Ended = Callable[[ConnectionRecord], None]
 
@@ -172,6 +176,10 @@ class Relay:
                 config.readAhead,
             )
             self._input.spliceFrom(self._clientSpliced)
+            if client.spliceable():
+                self.worker.spliceOutput(
+                    self._outputTarget, self._workerSpliced, self._socketFailed
+                )
             self._departure = ClientDeparture(
                 client.probe, config, closeWatch, self._leave, self._pacing.clientReadsItsClose
             )
@@ -248,6 +256,36 @@ class Relay:
             self.record.bytesOut += len(data)
             self._liveness.clientWritten()
             self._client.write(data)
+
+    def _outputTarget(self) -> tuple[int, int] | None:
+        """
+        Whether the worker's next output may go into the client's socket by
+        a splice now: only while it is relayed, and nothing written to the
+        client waits before it.
+        """
+        state = self.state
+        if state is State.RUNNING or state is State.INPUT_DONE:
+            fd = self._client.idleSocket()
+            if fd is not None:
+                return fd, OUTPUT_SPLICE_SIZE
+        return None
+
+    def _workerSpliced(self, size: int) -> None:
+        """
+        The worker's next C{size} bytes of output went into the client's
+        socket by the kernel.
+        """
+        self.record.bytesOut += size
+        self.record.bytesSplicedOut += size
+        self._liveness.clientWritten()
+
+    def _socketFailed(self) -> None:
+        """
+        A splice of the worker's output found the client's socket failed:
+        it is gone, for the reason its socket still tells (its error was
+        consumed: a reset unless it timed out).
+        """
+        self._leave(self._departure.deathReason)
 
     def workerLifetimeOver(self) -> None:
         self.clientGone(EndReason.MAX_LIFETIME)

@@ -36,8 +36,7 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
-
-from twisted_closewatch._compat import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.main import CONNECTION_LOST
 
 _F_GETPIPE_SZ: int | None = getattr(fcntl, "F_GETPIPE_SZ", None)
 _F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)
@@ -48,12 +47,6 @@ SPLICE = hasattr(os, "splice") and _F_GETPIPE_SZ is not None and _F_SETPIPE_SZ i
 #: Non-blocking on the pipe too (the socket already is), and pages moved
 #: rather than copied where the kernel can.
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-
-#: What a splice into a worker's pipe fails with when Twisted's own read
-#: must see the case instead: the pipe full (or the socket empty), the
-#: worker's end of the pipe closed.
-_READ_INSTEAD = frozenset({errno.EAGAIN, errno.EPIPE})
-
 
 def spliceable(transport: Any) -> bool:
     """
@@ -157,47 +150,93 @@ SpliceTarget = Callable[[], "tuple[int, int] | None"]
 
 class SplicingRead:
     """
-    The C{doRead} of one TCP client's transport: it splices into what its
-    target gives, and is the transport's own read when the target gives
-    nothing, or when what the kernel says must be seen by Twisted (the
-    pipe full, the worker's end closed).  A FIN or an error ends the
-    transport as Twisted's read would: C{CONNECTION_DONE} (a half-close,
-    for a half-closeable protocol) or C{CONNECTION_LOST}.
+    The C{doRead} of a descriptor Twisted reads: it splices into what its
+    target gives, and is the descriptor's own read when the target gives
+    nothing, or when a splice moves nothing (the source at its end, or
+    empty, or the target full): that read sees the end as it would without
+    splicing, and bytes it reads take the copying path and its flow control
+    (a full target pauses the source there).  An error is the subclass's to
+    handle: which end it belongs to depends on the direction.
 
-    @param target: gives the pipe's descriptor and the most to move, or
-        C{None} to read as usual.
+    @param source: the descriptor whose C{doRead} is taken over.
+    @param target: gives the descriptor to splice into and the most to
+        move, or C{None} to read as usual.
     @param spliced: told how many bytes each splice moved.
     """
 
     def __init__(
         self,
-        transport: tcp.Connection,
+        source: Any,
         target: SpliceTarget,
         spliced: Callable[[int], None],
     ) -> None:
-        self._transport = transport
-        self._read = transport.doRead
+        self._source = source
+        self._read = source.doRead
         self._target = target
         self._spliced = spliced
 
     def install(self) -> None:
         """
-        Take over the transport's reads: the reactor calls its C{doRead}.
+        Take over the source's reads: the reactor calls its C{doRead}.
         """
-        self._transport.doRead = self.doRead  # type: ignore[method-assign]
+        self._source.doRead = self.doRead
 
     def doRead(self) -> ConnectionLost | ConnectionDone | None:
         where = self._target()
         if where is None:
             return self._read()
-        pipe, size = where
+        into, size = where
         try:
-            moved = os.splice(self._transport.fileno(), pipe, size, flags=_FLAGS)
+            moved = os.splice(self._source.fileno(), into, size, flags=_FLAGS)
+        except BlockingIOError:
+            moved = 0
         except OSError as e:
-            if e.errno in _READ_INSTEAD:
-                return self._read()
-            return CONNECTION_LOST
+            return self._failed(e)
         if not moved:
-            return CONNECTION_DONE
+            return self._read()
         self._spliced(moved)
+        return None
+
+    def _failed(self, error: OSError) -> ConnectionLost | ConnectionDone | None:
+        raise NotImplementedError()
+
+
+class SplicedInput(SplicingRead):
+    """
+    A client's TCP transport read into its worker's stdin pipe.
+    """
+
+    def _failed(self, error: OSError) -> ConnectionLost | ConnectionDone | None:
+        """
+        The pipe's reader is gone (C{EPIPE}: the worker closed its stdin):
+        Twisted's read, and the relay's path for it.  Else the socket's
+        error, which the splice has consumed: the connection is lost, as
+        Twisted's read returns it for an error.
+        """
+        if error.errno == errno.EPIPE:
+            return self._read()
+        return CONNECTION_LOST
+
+
+class SplicedOutput(SplicingRead):
+    """
+    A worker's stdout read into its client's TCP socket.
+
+    @param failed: called when the socket fails (reset, or closed): the
+        splice has consumed its error, so the client's transport may never
+        see it, and the relay is told at once.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        target: SpliceTarget,
+        spliced: Callable[[int], None],
+        failed: Callable[[], None],
+    ) -> None:
+        super().__init__(source, target, spliced)
+        self._socketFailed = failed
+
+    def _failed(self, error: OSError) -> None:
+        self._socketFailed()
         return None

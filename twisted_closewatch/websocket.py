@@ -493,6 +493,12 @@ class WebSocketClient:
     def spliceInto(self, target: SpliceTarget, spliced: Callable[[int], None]) -> None:
         raise TypeError("a WebSocket client's bytes are frames: they cannot be spliced")
 
+    def idleSocket(self) -> int | None:
+        """
+        Never: the worker's output goes to the client in frames.
+        """
+        return None
+
     def registerProducer(self, producer: IPushProducer) -> None:
         self._pacing = _OutputPacing(producer)
         self.transport.registerProducer(self._pacing, True)

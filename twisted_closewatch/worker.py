@@ -29,6 +29,7 @@ from twisted_closewatch import _compat, spawn
 from twisted_closewatch.addresses import ucspiEnvironment
 from twisted_closewatch.config import Config
 from twisted_closewatch.record import ConnectionRecord
+from twisted_closewatch.splice import SplicedOutput, SpliceTarget
 
 if TYPE_CHECKING:
     from twisted_closewatch.client import IClient
@@ -105,6 +106,16 @@ class IWorker(Interface):
         The descriptor of the worker's stdin pipe, if it is open and nothing
         written to it waits in memory (bytes put into the pipe directly
         then come next, in order), else C{None}.
+        """
+
+    def spliceOutput(
+        target: SpliceTarget, spliced: Callable[[int], None], failed: Callable[[], None]
+    ) -> None:
+        """
+        From now on, while C{target} gives a socket (and the most to move
+        into it), move the worker's output into it by the kernel, telling
+        C{spliced} how many bytes, instead of reporting them as output, and
+        C{failed} if the socket fails.
         """
 
     def kill() -> bool:
@@ -310,6 +321,13 @@ class WorkerHandle:
             return None
         fd: int = stdin.fileno()
         return fd
+
+    def spliceOutput(
+        self, target: SpliceTarget, spliced: Callable[[int], None], failed: Callable[[], None]
+    ) -> None:
+        stdout = self._process.pipes.get(1)
+        if stdout is not None:
+            SplicedOutput(stdout, target, spliced, failed).install()
 
     def kill(self) -> bool:
         """

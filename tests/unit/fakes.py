@@ -178,6 +178,9 @@ class FakeWorker:
     def idleStdin(self) -> int | None:
         return self.stdinFD if self.writerIdle else None
 
+    def spliceOutput(self, target: Any, spliced: Any, failed: Any) -> None:
+        self.outputSplice = (target, spliced, failed)
+
     def kill(self) -> bool:
         self.kills += 1
         self.actions.append("kill")

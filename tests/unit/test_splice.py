@@ -16,13 +16,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.unit.fakes import FakeWorker, Harness
 from twisted_closewatch import splice
 from twisted_closewatch.client import ByteStreamClient
 from twisted_closewatch.record import EndReason
-from twisted_closewatch.splice import SplicePipe, SplicingRead, spliceable
+from twisted_closewatch.splice import SplicedInput, SplicedOutput, SplicePipe, spliceable
 from twisted_closewatch.spool import InputState, SpoolBudget
 from twisted_closewatch.worker import IWorkerSink
 
@@ -174,24 +175,33 @@ class SplicePipeTests(SynchronousTestCase):
 class FakeTransport:
     """
     The parts of a TCP transport L{SplicingRead} uses: its socket's
-    descriptor and its own read, which records that it was called.
+    descriptor and its own read, which reads as Twisted's does and keeps
+    what it read.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
-        self.reads = 0
+        self.received = b""
 
     def fileno(self) -> int:
         return self.socket.fileno()
 
-    def doRead(self) -> str:
-        self.reads += 1
-        return "read"
+    def doRead(self) -> Any:
+        try:
+            data = self.socket.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return CONNECTION_LOST
+        if not data:
+            return CONNECTION_DONE
+        self.received += data
+        return None
 
 
 class SplicingReadTests(SynchronousTestCase):
     """
-    The transport's read that splices, against a real connection and pipe.
+    The client's read that splices, against a real connection and pipe.
     """
 
     def setUp(self) -> None:
@@ -201,30 +211,39 @@ class SplicingReadTests(SynchronousTestCase):
         self.transport = FakeTransport(server)
         self.moved: list[int] = []
         self.where: tuple[int, int] | None = (self.w, MiB // 2)
-        SplicingRead(self.transport, lambda: self.where, self.moved.append).install()  # type: ignore[arg-type]
+        SplicedInput(self.transport, lambda: self.where, self.moved.append).install()
 
     def read(self) -> Any:
         return self.transport.doRead()
+
+    def send(self, data: bytes) -> None:
+        self.client.sendall(data)
+        waitQueued(self.transport.socket, len(data))
+
+    def readUntilEnd(self) -> Any:
+        for _ in range(10_000):
+            result = self.read()
+            if result is not None:
+                return result
+        self.fail("the connection did not end")
 
     def test_spliced(self) -> None:
         """
         The client's bytes go into the pipe, as many as were there, and
         the transport's own read is not called.
         """
-        self.client.sendall(b"hello")
-        waitQueued(self.transport.socket, 5)
+        self.send(b"hello")
         self.assertIsNone(self.read())
         self.assertEqual(self.moved, [5])
         self.assertEqual(os.read(self.r, 100), b"hello")
-        self.assertEqual(self.transport.reads, 0)
+        self.assertEqual(self.transport.received, b"")
 
     def test_atMostTheRoom(self) -> None:
         """
         A splice moves no more than its target allows.
         """
         self.where = (self.w, 3)
-        self.client.sendall(b"hello")
-        waitQueued(self.transport.socket, 5)
+        self.send(b"hello")
         self.read()
         self.assertEqual(os.read(self.r, 100), b"hel")
 
@@ -233,31 +252,26 @@ class SplicingReadTests(SynchronousTestCase):
         Without a target, the transport reads as usual.
         """
         self.where = None
-        self.assertEqual(self.read(), "read")
-        self.assertEqual(self.moved, [])
+        self.send(b"hello")
+        self.assertIsNone(self.read())
+        self.assertEqual((self.transport.received, self.moved), (b"hello", []))
 
     def test_end(self) -> None:
         """
-        The client's FIN ends the reading as Twisted's read would.
+        The client's FIN is left to the transport's read, which ends the
+        reading as without splicing.
         """
         self.client.shutdown(socket.SHUT_WR)
-        for _ in range(10_000):
-            result = self.read()
-            if result is not None:
-                break
-        self.assertIsInstance(result, ConnectionDone)
+        self.assertIsInstance(self.readUntilEnd(), ConnectionDone)
+        self.assertEqual(self.moved, [])
 
     def test_reset(self) -> None:
         """
-        A reset loses the connection.
+        A reset, the same way, loses the connection.
         """
         self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.client.close()
-        for _ in range(10_000):
-            result = self.read()
-            if result is not None:
-                break
-        self.assertIsInstance(result, ConnectionLost)
+        self.assertIsInstance(self.readUntilEnd(), ConnectionLost)
 
     def test_readerGone(self) -> None:
         """
@@ -268,10 +282,9 @@ class SplicingReadTests(SynchronousTestCase):
         self.addCleanup(os.close, w)
         os.close(r)
         self.where = (w, MiB // 2)
-        self.client.sendall(b"x")
-        waitQueued(self.transport.socket, 1)
-        self.assertEqual(self.read(), "read")
-        self.assertEqual(self.moved, [])
+        self.send(b"x")
+        self.assertIsNone(self.read())
+        self.assertEqual((self.transport.received, self.moved), (b"x", []))
 
     def test_pipeFull(self) -> None:
         """
@@ -283,10 +296,9 @@ class SplicingReadTests(SynchronousTestCase):
                 os.write(self.w, b"z")
         except BlockingIOError:
             pass
-        self.client.sendall(b"x")
-        waitQueued(self.transport.socket, 1)
-        self.assertEqual(self.read(), "read")
-        self.assertEqual(self.moved, [])
+        self.send(b"x")
+        self.assertIsNone(self.read())
+        self.assertEqual((self.transport.received, self.moved), (b"x", []))
 
     def test_otherTransports(self) -> None:
         """
@@ -295,6 +307,101 @@ class SplicingReadTests(SynchronousTestCase):
         """
         self.assertFalse(spliceable(self.transport))
         self.assertFalse(spliceable(object()))
+
+
+class FakeReader:
+    """
+    The parts of a worker's stdout reader L{SplicingRead} uses: the pipe's
+    descriptor and its own read, which keeps what it read and says the end.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.received = b""
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> Any:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return None
+        if not data:
+            return CONNECTION_DONE
+        self.received += data
+        return None
+
+
+class SplicingOutputTests(SynchronousTestCase):
+    """
+    The worker's stdout read that splices into the client's socket.
+    """
+
+    def setUp(self) -> None:
+        requireSplice()
+        self.client, self.server = loopback(self)
+        self.client.settimeout(10)
+        self.r, self.w = makePipe(self)
+        self.reader = FakeReader(self.r)
+        self.moved: list[int] = []
+        target = (self.server.fileno(), MiB)
+        self.failures = 0
+        SplicedOutput(self.reader, lambda: target, self.moved.append, self.failed).install()
+
+    def failed(self) -> None:
+        self.failures += 1
+
+    def test_spliced(self) -> None:
+        """
+        The worker's output goes into the socket, in order, unread.
+        """
+        os.write(self.w, b"out")
+        self.assertIsNone(self.reader.doRead())
+        self.assertEqual((self.moved, self.reader.received), ([3], b""))
+        self.assertEqual(self.client.recv(10), b"out")
+
+    def test_socketFull(self) -> None:
+        """
+        A socket that takes no more leaves the output to the reader's own
+        read: the relay writes it, and its flow control pauses the reader.
+        """
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        block = b"o" * 65536
+        try:
+            while True:
+                self.server.send(block)
+        except BlockingIOError:
+            pass
+        os.write(self.w, b"more")
+        self.assertIsNone(self.reader.doRead())
+        self.assertEqual((self.moved, self.reader.received), ([], b"more"))
+
+    def test_workerEnded(self) -> None:
+        """
+        The worker's end of its stdout is left to the reader's read.
+        """
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.addCleanup(os.close, r)
+        os.close(w)
+        self.reader.fd = r
+        self.assertIsInstance(self.reader.doRead(), ConnectionDone)
+        self.assertEqual(self.failures, 0)
+
+    def test_clientReset(self) -> None:
+        """
+        A client that reset its connection fails the splice, whose error
+        is then gone from the socket: the relay is told at once, and the
+        output stays in the pipe.
+        """
+        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.client.close()
+        os.write(self.w, b"out")
+        for _ in range(10_000):
+            self.reader.doRead()
+            if self.failures:
+                break
+        self.assertEqual((self.failures, self.moved, queued(self.r)), (1, [], 3))
 
 
 class SpliceableClient(ByteStreamClient):
