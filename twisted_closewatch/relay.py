@@ -42,6 +42,11 @@ happens, and they tell it nothing but "the client is gone".  How a client
 closes without a reset after its worker's last words is the client's own
 business (L{IClient.linger}).
 
+A plain TCP client's bytes are spliced into the worker's stdin whenever
+nothing waits before them (L{SpooledInput} decides), and the worker's
+output into the client's socket whenever nothing written to it waits in
+memory (the relay decides, while it relays; L{twisted_closewatch.splice}).
+
 The relay is given everything at construction (its collaborators, a clock,
 a worker starter) and reports one thing: its end, with its record.
 """
