@@ -58,10 +58,11 @@ ProcessReader = process.ProcessReader
 
 def writerIdle(writer: Any) -> bool:
     """
-    Whether a L{ProcessWriter} is open and holds nothing not yet written to
-    its pipe (Twisted 26.10.0: C{FileDescriptor.dataBuffer} from C{offset}
-    on, then C{_tempDataBuffer}, C{_tempDataLen} bytes), so that bytes put
-    into the pipe another way now come after all it was given.
+    Whether a descriptor Twisted writes (a L{ProcessWriter}, a TCP
+    transport) is open and holds nothing not yet written to it (Twisted
+    26.10.0: C{FileDescriptor.dataBuffer} from C{offset} on, then
+    C{_tempDataBuffer}, C{_tempDataLen} bytes), so that bytes put into the
+    pipe or socket another way now come after all it was given.
     """
     return bool(
         writer.connected

@@ -56,13 +56,14 @@ SPLICE = hasattr(os, "splice") and _F_GETPIPE_SZ is not None and _F_SETPIPE_SZ i
 #: rather than copied where the kernel can.
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
+
 def spliceable(transport: Any) -> bool:
     """
-    Whether C{transport} is a TCP connection whose bytes are the worker's
-    input and output as they are: Twisted's own TCP transport (not TLS, not a PROXY or
-    other wrapper, which are other classes), over IPv4 or IPv6 (not a unix
-    socket, whose transport is a TCP one's subclass), on a system that
-    splices.
+    Whether C{transport} is a TCP connection that carries the worker's
+    input and output as they are: Twisted's own TCP transport (not TLS,
+    not a PROXY header's or another wrapper, which are other classes), over
+    IPv4 or IPv6 (not a unix socket, whose transport is a TCP one's
+    subclass), on a system that splices.
     """
     sock = getattr(transport, "socket", None)
     return (
