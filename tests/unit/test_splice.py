@@ -15,8 +15,11 @@ import termios
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.unit.fakes import FakeWorker, Harness
@@ -300,13 +303,46 @@ class SplicingReadTests(SynchronousTestCase):
         self.assertIsNone(self.read())
         self.assertEqual((self.transport.received, self.moved), (b"x", []))
 
+
+class SpliceableTests(SynchronousTestCase):
+    """
+    Which transports are spliced: Twisted's own TCP transport over IP, on
+    a system that splices.
+    """
+
+    def connection(self, sock: socket.socket) -> tcp.Connection:
+        self.addCleanup(sock.close)
+        return tcp.Connection(sock, Protocol(), MemoryReactor())
+
+    def test_tcp(self) -> None:
+        requireSplice()
+        _, server = loopback(self)
+        self.assertTrue(spliceable(self.connection(server)))
+
+    def test_unix(self) -> None:
+        """
+        A unix socket's transport is a TCP one's subclass, and not spliced.
+        """
+        left, right = socket.socketpair()
+        self.addCleanup(right.close)
+        self.assertFalse(spliceable(self.connection(left)))
+
     def test_otherTransports(self) -> None:
         """
-        Only Twisted's own TCP transport is spliced from: not a wrapper
-        (TLS, a PROXY header's) or a test's transport.
+        Not a wrapper (TLS, a PROXY header's) or a test's transport.
         """
-        self.assertFalse(spliceable(self.transport))
+        _, server = loopback(self)
+        self.assertFalse(spliceable(FakeTransport(server)))
         self.assertFalse(spliceable(object()))
+
+    def test_noSplice(self) -> None:
+        """
+        Where C{os.splice} is missing (not Linux, Python before 3.10),
+        nothing is spliced.
+        """
+        self.patch(splice, "SPLICE", False)
+        _, server = loopback(self)
+        self.assertFalse(spliceable(self.connection(server)))
 
 
 class FakeReader:
