@@ -26,7 +26,7 @@ from tests.support import (
     unixSocketPath,
     wait,
 )
-from tests.test_pressure import READ_AHEAD, sendBacklog
+from tests.test_pressure import BACKLOG, READ_AHEAD, sendBacklog
 from twisted_closewatch.splice import SPLICE
 
 MiB = 1024 * 1024
@@ -98,19 +98,21 @@ class SpliceTests(TestCase):
         """
         A worker that never reads is given no more than its stdin pipe and
         the read-ahead, though its pipe is filled by splices (which put up
-        to 64 KiB in each of a pipe's page-sized slots), and its client's
-        close is still seen behind the backlog.
+        to 64 KiB in each of a pipe's page-sized slots): the rest goes to
+        the spool, and the client's close is seen behind it.
         """
-        server = Server(["--read-ahead", "64k", "--spool-max", "0"], PID_WORKER)
+        server = Server(["--read-ahead", "64k"], PID_WORKER)
         self.addCleanup(server.cleanup)
         sock, pid = server.connectWorker()
-        sendBacklog(sock)
+        sendBacklog(sock, 2 * BACKLOG)
         sock.close()
-        self.assertTrue(pidfdWaitGone(pid, 5), "worker survived a paused close")
+        self.assertTrue(pidfdWaitGone(pid, 5), "worker survived a close behind a backlog")
         end = server.endOf(1)
         self.assertEqual(end["reason"], "client-closed")
+        self.assertEqual(end["bytes_in"], 2 * BACKLOG)
         self.assertGreater(end["bytes_spliced"], 0)
-        self.assertLessEqual(end["bytes_in"], 1024 * 1024 + READ_AHEAD)
+        self.assertGreater(end["bytes_spooled"], 0)
+        self.assertLessEqual(end["bytes_in"] - end["bytes_spooled"], 1024 * 1024 + READ_AHEAD)
 
     def test_resetWhileSpliced(self) -> None:
         """
@@ -201,15 +203,18 @@ class NotSplicedTests(TestCase):
     plain TCP transport are read and written as before.
     """
 
-    def check(self, server: Server, sock: socket.socket) -> None:
+    def check(self, server: Server, sock: socket.socket, splicedOut: bool = False) -> None:
+        """
+        2 MiB through C{sock}'s worker, whole and in order, none spliced
+        in, and none out unless C{splicedOut}.
+        """
         self.addCleanup(sock.close)
         sock.settimeout(10)
         self.assertTrue(readLine(sock).strip().isdigit())
         sendThenCheck(self, sock, [random.Random(3).randbytes(2 * MiB)])
         end = server.endOf(1)
-        self.assertEqual(
-            (end["bytes_in"], end["bytes_spliced"], end["bytes_spliced_out"]), (2 * MiB, 0, 0)
-        )
+        self.assertEqual((end["bytes_in"], end["bytes_spliced"]), (2 * MiB, 0))
+        self.assertEqual(end["bytes_spliced_out"] > 0, splicedOut)
 
     def test_unix(self) -> None:
         path = unixSocketPath(self)
@@ -218,6 +223,16 @@ class NotSplicedTests(TestCase):
         sock = socket.socket(socket.AF_UNIX)
         wait(lambda: sock.connect_ex(path) == 0, 30)
         self.check(server, sock)
+
+    def test_noSpool(self) -> None:
+        """
+        Without a spool the client's bytes are copied, so that its worker's
+        pipe takes its whole size of a backlog (the worker's output is
+        still spliced).
+        """
+        server = Server(["--half-close", "forward", "--spool-max", "0"], CRC_WORKER)
+        self.addCleanup(server.cleanup)
+        self.check(server, server.connect(), splicedOut=True)
 
     def test_proxyHeader(self) -> None:
         server = Server(

@@ -365,8 +365,15 @@ class SpooledInput:
         into the pipe by the kernel whenever nothing waits before them
         (L{_spliceTarget}), telling C{spliced} how many.  Before the first
         byte: the pipe is halved while it is empty.
+
+        Only with a spool: a pipe fit for splicing holds between half and
+        all of its size before its worker's input is paused (as large as
+        the client's segments make its spliced slots), and without a spool
+        the pipe and the read-ahead are all a backlog has before the client
+        is paused and a FIN behind the rest waits unseen in the client's
+        own send queue.  With one, the spool takes what the pipe does not.
         """
-        if not self._client.spliceable():
+        if self._budget is None or not self._client.spliceable():
             return
         fd = self._worker.idleStdin()
         if fd is not None:

@@ -493,9 +493,12 @@ class DecisionTests(SynchronousTestCase):
         self.directory = self.mktemp()
         os.mkdir(self.directory)
 
-    def harness(self, spliceable: bool = True, **config: Any) -> SplicingHarness:
+    def harness(
+        self, spliceable: bool = True, spool: bool = True, **config: Any
+    ) -> SplicingHarness:
         harnessType = SplicingHarness if spliceable else _PlainHarness
-        h = harnessType(self.w, spool=SpoolBudget(self.directory, 100_000, 1_000_000), **config)
+        budget = SpoolBudget(self.directory, 100_000, 1_000_000) if spool else None
+        h = harnessType(self.w, spool=budget, **config)
         h.worker.stdinLimit = 1000
         self.addCleanup(h.relay._input.discard)
         return h
@@ -524,6 +527,18 @@ class DecisionTests(SynchronousTestCase):
         header's wrapper, a WebSocket) leaves the pipe as it was made.
         """
         self.harness(spliceable=False)
+        self.assertEqual(fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ), MiB)
+
+    def test_notWithoutASpool(self) -> None:
+        """
+        Without a spool, the pipe is kept whole for a backlog (a spliced
+        pipe holds less before the client is paused), and nothing is
+        spliced into it.
+        """
+        h = self.harness(spool=False)
+        client = h.client
+        assert isinstance(client, SpliceableClient)
+        self.assertIsNone(client.target)
         self.assertEqual(fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ), MiB)
 
     def test_writerBusy(self) -> None:
