@@ -176,7 +176,9 @@ class FakeWorker:
         self.outputProducer.drained = True
 
     def idleStdin(self) -> int | None:
-        return self.stdinFD if self.writerIdle else None
+        if not self.writerIdle or (self.writer is not None and self.writer.holding()):
+            return None
+        return self.stdinFD
 
     def spliceOutput(self, target: Any, spliced: Any, failed: Any) -> None:
         self.outputSplice = (target, spliced, failed)

@@ -498,8 +498,7 @@ class DecisionTests(SynchronousTestCase):
     ) -> SplicingHarness:
         harnessType = SplicingHarness if spliceable else _PlainHarness
         budget = SpoolBudget(self.directory, 100_000, 1_000_000) if spool else None
-        h = harnessType(self.w, spool=budget, **config)
-        h.worker.stdinLimit = 1000
+        h = harnessType(self.w, spool=budget, readAhead=4096, pipe=1000, **config)
         self.addCleanup(h.relay._input.discard)
         return h
 
