@@ -52,6 +52,22 @@ def wait(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 
         time.sleep(interval)
 
 
+def unixListening(path: str) -> bool:
+    """
+    Whether a unix socket bound to C{path} is listening, from
+    C{/proc/net/unix} (flag C{__SO_ACCEPTCON}): the file appears at
+    C{bind()}, before C{listen()}, and a client that connects in between is
+    refused.
+    """
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 def alive(pid: int) -> bool:
     """
     Whether C{pid} exists and is not a zombie.

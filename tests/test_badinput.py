@@ -39,6 +39,7 @@ from tests.support import (
     reset,
     rssKiB,
     runTwistd,
+    unixListening,
     unixSocketPath,
     wait,
     waitGone,
@@ -710,7 +711,7 @@ class InheritanceTests(ServerTestCase):
                 ],
             )
         self.assertIn(str(stray), os.listdir(f"/proc/{server.pid}/fd"))
-        wait(lambda: os.path.exists(path), 10)
+        wait(lambda: unixListening(path), 10)
 
         reports, socks = [], []
         for i in range(40):

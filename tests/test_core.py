@@ -21,6 +21,7 @@ from tests.support import (
     readLine,
     reset,
     runTwistd,
+    unixListening,
     wait,
     waitGone,
     workers,
@@ -251,7 +252,7 @@ class HygieneTests(ServerTestCase):
 
         path = os.path.abspath(self.mktemp())
         server = self.startServer(listen=f"unix:{path}", command=self.command)
-        wait(lambda: os.path.exists(path))
+        wait(lambda: unixListening(path))
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(path)
         env = json.loads(readLine(sock))["env"]

@@ -30,6 +30,7 @@ from tests.support import (
     readLine,
     reset,
     scrapeMetrics,
+    unixListening,
     unixSocketPath,
     wait,
     waitGone,
@@ -434,7 +435,7 @@ class EndTests(DirectTestCase):
         """
         path = unixSocketPath(self)
         server = self.startServer(listen=f"unix:{path}", command=ECHO_WORKER)
-        wait(lambda: os.path.exists(path))
+        wait(lambda: unixListening(path))
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(path)
         pid = int(readLine(sock))

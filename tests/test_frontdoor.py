@@ -19,7 +19,16 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from tests.support import Server, readAll, readLine, unixSocketPath, wait, waitGone, workers
+from tests.support import (
+    Server,
+    readAll,
+    readLine,
+    unixListening,
+    unixSocketPath,
+    wait,
+    waitGone,
+    workers,
+)
 from tests.test_production import makeCertificate, refusals, startServer
 
 #: Says who it is and who the client is, then echoes its stdin.
@@ -345,7 +354,7 @@ class UnixSocketModeTests(TestCase):
         """
         server = Server(listen=description)
         self.addCleanup(server.cleanup)
-        wait(lambda: os.path.exists(path) or server.process.poll() is not None, 30)
+        wait(lambda: unixListening(path) or server.process.poll() is not None, 30)
         sock = socket.socket(socket.AF_UNIX)
         sock.settimeout(10)
         sock.connect(path)

@@ -32,6 +32,7 @@ from tests.support import (
     commandLine,
     readAll,
     readLine,
+    unixListening,
     wait,
     waitGone,
     workers,
@@ -447,7 +448,7 @@ class UnixPeerTests(TestCase):
         path = os.path.abspath(self.mktemp())
         server = Server(["--max-workers", "1"], PID_WORKER, listen=f"unix:{path}")
         self.addCleanup(server.cleanup)
-        wait(lambda: os.path.exists(path))
+        wait(lambda: unixListening(path))
         first = socket.socket(socket.AF_UNIX)
         first.connect(path)
         pid = int(readLine(first))
