@@ -27,6 +27,7 @@ __all__ = [
     "handlesSignals",
     "listening",
     "raiseListenErrors",
+    "setExitSignal",
     "unixSocketMode",
     "unixSocketPath",
     "unregisterReapHandler",
@@ -100,6 +101,16 @@ def clearExitSignal(reactor: Any, signals: tuple[int, ...]) -> None:
     """
     if getattr(reactor, "_exitSignal", None) in signals:
         reactor._exitSignal = None
+
+
+def setExitSignal(reactor: Any, number: int) -> None:
+    """
+    Record that the reactor was stopped by signal C{number}, as
+    C{ReactorBase.sigTerm} does (C{_exitSignal}, Twisted 26.10.0): twistd
+    re-raises it once the reactor has stopped, unless L{clearExitSignal}
+    has cleared it.
+    """
+    reactor._exitSignal = number
 
 
 def handlesSignals(reactor: Any) -> bool:

@@ -6,23 +6,20 @@ reaped, and let the spawner and the guardian go.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
 
-from twisted_closewatch._compat import clearExitSignal, handlesSignals
+from twisted_closewatch._compat import clearExitSignal
 from twisted_closewatch.factory import CloseWatchFactory
 from twisted_closewatch.guardian import Guardian
 from twisted_closewatch.listening import Listener
 from twisted_closewatch.record import EndReason
 from twisted_closewatch.spawner import Spawner, available
-
-log = Logger()
+from twisted_closewatch.stopsignals import STOP_SIGNALS, StopSignals
 
 
 class CloseWatchService(MultiService):
@@ -75,26 +72,14 @@ class CloseWatchService(MultiService):
         """
         self.guardian.start()
         self.factory.guardian = self.guardian
-        self.factory.reactor.callWhenRunning(self._handleHangUp)
+        # Once the reactor runs, after it has installed its own handlers.
+        self.factory.reactor.callWhenRunning(StopSignals(self.factory.reactor).install)
         if self.spawner is not None:
             # SpawnerError if it cannot, which is rare: the options have
             # checked the Python worker's import already.
             self.spawner.start()
             self.factory.spawner = self.spawner
         super().startService()
-
-    def _handleHangUp(self) -> None:
-        """
-        Stop on SIGHUP (a closed terminal under C{twistd -n}) as on SIGTERM,
-        rather than die by the signal's default action without ending the
-        connections; only where the reactor handles signals at all.
-        """
-        if handlesSignals(self.factory.reactor) and hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, self._hangUp)
-
-    def _hangUp(self, number: int, frame: object) -> None:
-        log.info("Received SIGHUP, shutting down.")
-        self.factory.reactor.callFromThread(self.factory.reactor.stop)
 
     def stopService(self) -> Deferred[Any]:
         """
@@ -111,8 +96,8 @@ class CloseWatchService(MultiService):
 
     def _stoppedCleanly(self, result: None) -> None:
         """
-        Every worker is reaped: a stop asked for with SIGTERM or SIGINT has
+        Every worker is reaped: a stop asked for with a signal has
         succeeded.  twistd would otherwise re-raise the signal to exit with
         it, which init systems and scripts read as a failure.
         """
-        clearExitSignal(self.factory.reactor, (signal.SIGTERM, signal.SIGINT))
+        clearExitSignal(self.factory.reactor, STOP_SIGNALS)
