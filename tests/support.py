@@ -265,10 +265,12 @@ class Server:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         wrapper: Sequence[str] = (),
+        logger: str = "twisted_closewatch.logs.jsonObserver",
     ) -> None:
         """
         @param wrapper: a command that C{exec}s the server (C{setpriv ...}
             to run it as another user), so that its pid is the server's.
+        @param logger: twistd's C{--logger}: an observer writing JSON lines.
         """
         self.logPath = tempfile.mktemp(prefix="closewatch-log-", suffix=".jsonl")
         argv = [
@@ -276,7 +278,7 @@ class Server:
             *TWISTD,
             "-n",
             "--pidfile=",
-            "--logger=twisted_closewatch.logs.jsonObserver",
+            f"--logger={logger}",
             "closewatch",
         ]
         if listen is not None:
