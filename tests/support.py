@@ -26,6 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PID_WORKER = ["/bin/sh", "-c", "echo $$; exec sleep 100000"]
 
 
+#: Runs the server with these signals' default dispositions, whatever the
+#: test runner ignores (C{nohup}, a background job without job control):
+#: the server leaves an ignored C{SIGHUP} or C{SIGINT} ignored.
+DEFAULT_SIGNALS = ["env", "--default-signal=HUP,INT"]
+
+
 def unixSocketPath(testCase: Any) -> str:
     """
     A path short enough for a unix socket (108 bytes), wherever the test

@@ -20,6 +20,7 @@ import time
 from twisted.trial.unittest import TestCase
 
 from tests.support import (
+    DEFAULT_SIGNALS,
     Server,
     readAll,
     readLine,
@@ -391,7 +392,7 @@ class HangUpTests(TestCase):
         SIGHUP stops the server as SIGTERM does: every worker killed and
         reaped, a server-stopping end logged for each, exit status 0.
         """
-        server = startServer(self)
+        server = startServer(self, wrapper=DEFAULT_SIGNALS)
         held = [server.connectWorker() for _ in range(3)]
         pids = [pid for _, pid in held]
         server.process.send_signal(signal.SIGHUP)

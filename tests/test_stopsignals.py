@@ -11,12 +11,7 @@ import signal
 
 from twisted.trial.unittest import TestCase
 
-from tests.support import Server, waitGone
-
-#: Runs the server with these signals' default dispositions, whatever the
-#: test runner ignores (C{nohup}, a background job without job control):
-#: the server leaves an ignored C{SIGHUP} or C{SIGINT} ignored.
-DEFAULT_SIGNALS = ["env", "--default-signal=HUP,INT"]
+from tests.support import DEFAULT_SIGNALS, Server, waitGone
 
 
 class SignalWhileLoggingTests(TestCase):
