@@ -18,10 +18,9 @@ server then never stops.
 L{StopSignals} replaces those handlers, and handles C{SIGHUP} (what a
 closed terminal sends under C{twistd -n}) the same way, where Twisted leaves
 it to its default action: death, without the connections' ends.  Its
-handler only
-passes the signal to the reactor with C{callFromThread}, which appends to a
-list and writes a byte to the reactor's waker pipe; the reactor's thread
-then logs the line and stops.
+handler only passes the signal to the reactor with C{callFromThread}, which
+appends to a list and writes a byte to the reactor's waker pipe; the
+reactor's thread then logs the line and stops.
 """
 
 from __future__ import annotations
