@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import kill_floor
@@ -67,6 +68,8 @@ SIOCOUTQ = 0x5411
 SURVIVE_S = 3.0
 
 SCENARIOS = ("fin", "rst", "half", "paused")
+#: closewatch's options for the kill, rate and spawn measures (see main).
+KILL_OPTIONS = ("--spool-max", "0")
 #: The naive Twisted relay (naive_relay.py) reads everything it is sent (no
 #: flow control), so it never pauses: no paused cell.  It takes part in the
 #: kill and rate measures only (its spawn cost grows with its open fds, and
@@ -319,7 +322,12 @@ def closewatchOptions(serverPython: str, maxWorkers: int) -> list[str]:
     return extra
 
 
-def startServer(kind: str, worker: list[str], logdir: Path, serverPython: str) -> Server:
+def startServer(
+    kind: str, worker: list[str], logdir: Path, serverPython: str, options: Sequence[str] = ()
+) -> Server:
+    """
+    @param options: more closewatch options for this server alone.
+    """
     port = freePort()
     if kind == "closewatch":
         env = closewatchEnv()
@@ -328,7 +336,7 @@ def startServer(kind: str, worker: list[str], logdir: Path, serverPython: str) -
             "-n", "--pidfile=", f"--logfile={logdir / f'closewatch-{port}.twistd.log'}",
             "closewatch", "-l", f"tcp:{port}:interface=127.0.0.1",
             "--read-ahead", str(READ_AHEAD), "--half-close", "kill",
-            *EXTRA_CLOSEWATCH_OPTIONS, "--", *worker,
+            *EXTRA_CLOSEWATCH_OPTIONS, *options, "--", *worker,
         ]
         server = Server(kind, argv, port, logdir, env)
     elif kind == "socat":
@@ -1544,7 +1552,13 @@ def main() -> int:
             for name in servers:
                 if not only & PEER_MEASURES.get(name, only):
                     continue
-                running[name] = startServer(name, worker, logdir, args.server_python)
+                # The paused scenario closes behind a backlog sized to fill
+                # the pipe and the read-ahead, so that the relay pauses: a
+                # spool would read it on (up to 64 MiB, each connection's
+                # set-up then minutes long) and nothing would pause.  The
+                # close behind a backlog with the spool: spool_bench.py.
+                running[name] = startServer(name, worker, logdir, args.server_python,
+                                            KILL_OPTIONS if name == "closewatch" else ())
                 log(f"{name} listening on {running[name].port} (pid {running[name].pid})")
 
         if "kill" in only:
